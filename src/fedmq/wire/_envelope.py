@@ -1,0 +1,94 @@
+"""The v1 envelopes, the limits a receiver enforces, and the model's tensor spec."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedmq.codecs import EncodedTensor
+from fedmq.errors import ConfigError
+
+__all__ = [
+    "SCHEMA_MODEL",
+    "SCHEMA_UPDATE",
+    "ModelEnvelope",
+    "TensorSpec",
+    "UpdateEnvelope",
+    "WireLimits",
+    "tensor_spec_of",
+]
+
+# Signing and other envelope kinds will come as new schema strings; receivers reject
+# any schema they do not know, so an old aggregator never misreads a new message.
+SCHEMA_UPDATE = "fedmq.update/1"
+SCHEMA_MODEL = "fedmq.model/1"
+
+TensorSpec = Mapping[str, tuple[tuple[int, ...], str]]
+"""The model's tensors: name -> (shape, dtype). Updates must match it exactly."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateEnvelope:
+    """A participant's model update (schema ``fedmq.update/1``).
+
+    ``seq`` only grows per participant (it identifies duplicates); ``base_version`` is the
+    global model version the update was computed from; ``created`` is unix seconds.
+    """
+
+    participant: str
+    seq: int
+    base_version: int
+    num_examples: int
+    loss: float
+    created: float
+    tensors: tuple[EncodedTensor, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelEnvelope:
+    """A global model published by the aggregator (schema ``fedmq.model/1``)."""
+
+    version: int
+    created: float
+    tensors: tuple[EncodedTensor, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class WireLimits:
+    """Bounds a receiver enforces before trusting a message.
+
+    ``max_decoded_elements`` bounds the elements of all tensors of one message once
+    decoded: a top-k tensor is tiny on the wire whatever its declared shape, so without
+    it a model envelope decoded without a spec could ask for terabytes.
+    """
+
+    max_message_bytes: int = 64 * 1024 * 1024
+    max_tensors: int = 4096
+    max_name_bytes: int = 256
+    max_participant_bytes: int = 128
+    max_decoded_elements: int = 2**28
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{f.name}: {value!r} must be an int >= 1")
+        if self.max_tensors > 2**32 - 1:
+            raise ConfigError(f"max_tensors: {self.max_tensors} must be <= 2**32 - 1")
+
+
+def tensor_spec_of(
+    params: Mapping[str, npt.NDArray[Any]],
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The spec of a model given as name -> array: {name: (shape, dtype name)}.
+
+    v1 updates decode to float32, so a model kept in another dtype matches no update.
+    """
+    return {
+        name: (tuple(int(d) for d in np.shape(a)), str(np.asarray(a).dtype))
+        for name, a in params.items()
+    }
