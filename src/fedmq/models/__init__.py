@@ -1,0 +1,15 @@
+"""The model zoo, weights as numpy arrays, and the local training and evaluation loops."""
+
+from fedmq.models._params import get_params, set_params
+from fedmq.models._train import evaluate, train_local
+from fedmq.models._zoo import MODEL_NAMES, ModelName, build_model
+
+__all__ = [
+    "MODEL_NAMES",
+    "ModelName",
+    "build_model",
+    "evaluate",
+    "get_params",
+    "set_params",
+    "train_local",
+]

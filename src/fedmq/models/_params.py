@@ -1,0 +1,51 @@
+"""Model weights as plain numpy arrays: what the strategies and codecs work on."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+__all__ = ["get_params", "set_params"]
+
+
+def get_params(model: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
+    """float32 numpy copies of ``model.state_dict()``, in its order; they never alias the model."""
+    return {
+        name: tensor.detach().cpu().numpy().astype(np.float32, copy=True)
+        for name, tensor in model.state_dict().items()
+    }
+
+
+def set_params(model: nn.Module, params: Mapping[str, npt.NDArray[np.floating]]) -> None:
+    """Copy ``params`` into ``model``; names and shapes must match its state_dict exactly.
+
+    Raises ``ValueError`` listing every missing, unexpected and mis-shaped entry;
+    the model is left untouched in that case. ``params`` may be read-only.
+    """
+    state = model.state_dict()
+    missing = [name for name in state if name not in params]
+    unexpected = [name for name in params if name not in state]
+    misshaped = [
+        f"{name} {list(params[name].shape)} != {list(tensor.shape)}"
+        for name, tensor in state.items()
+        if name in params and tuple(params[name].shape) != tuple(tensor.shape)
+    ]
+    if missing or unexpected or misshaped:
+        problems = [
+            f"{label}: {', '.join(items)}"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", misshaped),
+            )
+            if items
+        ]
+        raise ValueError(f"parameters do not fit the model ({'; '.join(problems)})")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            # torch.tensor copies, so read-only arrays (decoded from the wire) are fine.
+            tensor.copy_(torch.tensor(params[name], dtype=tensor.dtype))

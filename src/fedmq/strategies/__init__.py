@@ -1,0 +1,63 @@
+"""Aggregation strategies as pure maths: FedAsync, FedBuff, synchronous FedAvg.
+
+No I/O, no asyncio, inputs never modified; parameters are ``Mapping[str,
+float32 array]``. The functions (``fedasync_apply``, ``fedbuff_flush``,
+``fedavg_aggregate``...) carry the formulas; ``make_strategy`` wraps them in the
+one ``Strategy`` interface the aggregator drives.
+"""
+
+from fedmq.strategies._common import Params
+from fedmq.strategies._fedasync import FedAsyncConfig, fedasync_apply
+from fedmq.strategies._fedavg import FedAvgConfig, fedavg_aggregate
+from fedmq.strategies._fedbuff import (
+    SERVER_OPTIMIZERS,
+    FedBuffConfig,
+    FedBuffState,
+    ServerOptimizer,
+    fedbuff_add,
+    fedbuff_flush,
+    fedbuff_init,
+    fedbuff_ready,
+)
+from fedmq.strategies._staleness import (
+    STALENESS_FUNCTIONS,
+    StalenessConfig,
+    StalenessFunction,
+    staleness_weight,
+)
+from fedmq.strategies._strategy import (
+    STRATEGY_NAMES,
+    Contribution,
+    FedAvgState,
+    Strategy,
+    StrategyConfig,
+    StrategyName,
+    make_strategy,
+)
+
+__all__ = [
+    "SERVER_OPTIMIZERS",
+    "STALENESS_FUNCTIONS",
+    "STRATEGY_NAMES",
+    "Contribution",
+    "FedAsyncConfig",
+    "FedAvgConfig",
+    "FedAvgState",
+    "FedBuffConfig",
+    "FedBuffState",
+    "Params",
+    "ServerOptimizer",
+    "StalenessConfig",
+    "StalenessFunction",
+    "Strategy",
+    "StrategyConfig",
+    "StrategyName",
+    "fedasync_apply",
+    "fedavg_aggregate",
+    "fedbuff_add",
+    "fedbuff_flush",
+    "fedbuff_init",
+    "fedbuff_ready",
+    "make_strategy",
+    "staleness_weight",
+]

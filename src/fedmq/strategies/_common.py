@@ -1,0 +1,61 @@
+"""Helpers shared by the strategies: the parameter type, checks, float32 arithmetic."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from fedmq.errors import ConfigError
+
+__all__ = ["Params", "check_compatible", "f32", "frozen_copy", "is_int", "is_number", "require"]
+
+Params = Mapping[str, npt.NDArray[np.float32]]
+"""Model parameters or a delta: tensor name -> float32 array (the model's state_dict order)."""
+
+
+def require(ok: bool, owner: object, field: str, allowed: str, value: object) -> None:
+    """Raise ``ConfigError("Owner.field: must be <allowed>, got <value>")`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(f"{type(owner).__name__}.{field}: must be {allowed}, got {value!r}")
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float (bools excluded)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_int(value: object) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_compatible(reference: Params, other: Params, what: str) -> None:
+    """``other`` has exactly ``reference``'s tensor names and shapes, else ``ValueError``."""
+    if reference.keys() != other.keys():
+        missing = sorted(reference.keys() - other.keys())
+        extra = sorted(other.keys() - reference.keys())
+        raise ValueError(f"{what}: tensor names differ (missing {missing}, unexpected {extra})")
+    for name, array in reference.items():
+        if np.shape(other[name]) != np.shape(array):
+            raise ValueError(
+                f"{what}: {name} has shape {list(np.shape(other[name]))}, "
+                f"expected {list(np.shape(array))}"
+            )
+
+
+def frozen_copy(params: Params) -> dict[str, npt.NDArray[np.float32]]:
+    """float32 copies marked read-only, for state that must not change once built."""
+    out = {}
+    for name, array in params.items():
+        copy = np.array(array, dtype=np.float32, copy=True)
+        copy.flags.writeable = False
+        out[name] = copy
+    return out
+
+
+def f32(array: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    """``array`` as float32, without a copy when it already is."""
+    return np.asarray(array, dtype=np.float32)
