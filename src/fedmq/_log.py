@@ -1,0 +1,59 @@
+"""Structured log events: one line per event, ``event key=value ...`` or JSON.
+
+Both formats carry the same fields, so an operator can grep the text form or
+ship the JSON form to a log store. The format is chosen once, in the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+__all__ = ["configure_logging", "log_event"]
+
+
+def log_event(
+    logger: logging.Logger, event: str, /, level: int = logging.INFO, **fields: Any
+) -> None:
+    """Log ``event`` with its fields; the formatter renders them as text or JSON."""
+    logger.log(level, event, extra={"fedmq_fields": fields})
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = getattr(record, "fedmq_fields", {})
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        text = " ".join(f"{k}={v}" for k, v in fields.items())
+        line = f"{stamp} {record.levelname.lower():<7} {record.name} {record.getMessage()} {text}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line.rstrip()
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": record.created,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+            **getattr(record, "fedmq_fields", {}),
+        }
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(*, level: str = "info", json_format: bool = False) -> None:
+    """Send fedmq's log lines to stderr in the chosen format (called once, by the CLI)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if json_format else _TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aio-pika / aiormq are chatty at INFO about every reconnect attempt; ours say it once.
+    for name in ("aio_pika", "aiormq"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,60 @@
+"""What the aggregator has done so far: counters a display, a report or metrics read."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["AccuracyPoint", "AggregatorStats"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class AccuracyPoint:
+    """One evaluation of the global model on the held-out set."""
+
+    elapsed_s: float
+    version: int
+    applied: int
+    accuracy: float
+    loss: float
+
+
+@dataclass(kw_only=True)
+class AggregatorStats:
+    """Live counters, owned and mutated by the aggregator's event loop only."""
+
+    started: float = field(default_factory=time.monotonic)
+    version: int = 0
+    received: int = 0
+    applied: int = 0  # updates accepted by the strategy (buffered ones included)
+    rejected: Counter[str] = field(default_factory=Counter)  # by Reason value
+    staleness: Counter[int] = field(default_factory=Counter)  # of accepted updates
+    bytes_in: int = 0
+    bytes_out: int = 0
+    models_published: int = 0
+    buffered: int = 0
+    participants: set[str] = field(default_factory=set)
+    accuracy: list[AccuracyPoint] = field(default_factory=list)
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def dropped(self) -> int:
+        """Updates refused for any reason."""
+        return sum(self.rejected.values())
+
+    @property
+    def latest_accuracy(self) -> float | None:
+        return self.accuracy[-1].accuracy if self.accuracy else None
+
+    @property
+    def mean_staleness(self) -> float:
+        total = sum(self.staleness.values())
+        return sum(d * n for d, n in self.staleness.items()) / total if total else 0.0
+
+    @property
+    def max_staleness(self) -> int:
+        return max(self.staleness, default=0)

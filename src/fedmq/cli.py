@@ -1,0 +1,290 @@
+"""The ``fedmq`` command: the only place configuration is read.
+
+    fedmq demo           a whole fleet on one machine (embedded broker by default)
+    fedmq aggregator     the aggregator service against a real broker
+    fedmq participant    one device against a real broker
+
+Every option can come from a TOML file (``--config``), a ``FEDMQ_<NAME>``
+environment variable or a ``--name`` flag, in that order of precedence (flags
+win). Invalid configuration is a one-line error naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+from fedmq._log import configure_logging
+from fedmq._options import Option, add_options, resolve_options
+from fedmq.aggregator import AggregatorConfig
+from fedmq.codecs import CodecConfig
+from fedmq.errors import ConfigError, FedmqError
+from fedmq.participant import ParticipantConfig
+from fedmq.strategies import (
+    FedAsyncConfig,
+    FedAvgConfig,
+    FedBuffConfig,
+    StalenessConfig,
+    StrategyConfig,
+)
+from fedmq.transport import TransportConfig
+from fedmq.wire import WireLimits
+
+__all__ = ["main"]
+
+Values = dict[str, Any]
+
+_COMMON = [
+    Option("job", str, "default", "job name; namespaces every queue and topic"),
+    Option("data_dir", str, None, "folder holding fashion-mnist/ (the IDX files)"),
+    Option("model", str, "cnn-s", "model architecture", ("cnn-s", "mlp")),
+    Option("max_message_bytes", int, 64 * 1024 * 1024, "largest message sent or accepted"),
+    Option("log_level", str, "info", "log level", ("debug", "info", "warning", "error")),
+    Option("log_format", str, "text", "log line format", ("text", "json")),
+]
+_BROKER = Option("broker", str, None, "broker URL: amqp://user:pass@host/, mqtt://host:1883")
+_STRATEGY = [
+    Option("strategy", str, "fedasync", "aggregation strategy", ("fedasync", "fedbuff", "fedavg")),
+    Option("alpha", float, 0.6, "FedAsync mixing weight alpha"),
+    Option(
+        "staleness",
+        str,
+        "polynomial",
+        "staleness function s(d)",
+        ("constant", "polynomial", "hinge", "exponential"),
+    ),
+    Option("staleness_a", float, 0.5, "staleness parameter a"),
+    Option("staleness_b", int, 4, "hinge staleness parameter b"),
+    Option("max_staleness", int, 50, "drop updates staler than this many versions"),
+    Option("buffer_size", int, 10, "FedBuff: deltas per server step (K)"),
+    Option("server_lr", float, 1.0, "FedBuff: server learning rate"),
+    Option("server_optimizer", str, "sgd", "FedBuff server optimizer", ("sgd", "momentum", "adam")),
+    Option("clients_per_round", int, 10, "FedAvg: participants per round (C)"),
+    Option("publish_every", int, 1, "republish the model every N versions"),
+    Option("eval_every", int, 5, "evaluate on the test set every M versions (0: never)"),
+    Option("eval_examples", int, 10_000, "test images used for evaluation"),
+    Option("prefetch", int, 32, "updates in flight from the broker (back-pressure)"),
+]
+_TRAINING = [
+    Option("epochs", int, 1, "local epochs per update"),
+    Option("batch_size", int, 32, "local batch size"),
+    Option("lr", float, 0.05, "local SGD learning rate"),
+    Option("codec", str, "float32", "update codec", ("float32", "float16", "int8", "int4", "topk")),
+    Option("block_size", int, 64, "int8/int4: values per scale"),
+    Option("stochastic_rounding", bool, False, "unbiased stochastic rounding for int8/int4"),
+    Option("topk_fraction", float, 0.01, "top-k: fraction of entries sent"),
+    Option("topk_values", str, "float32", "top-k: value codec", ("float32", "float16", "int8")),
+    Option("error_feedback", bool, True, "keep what the codec dropped and add it next round"),
+    Option("partition", str, "dirichlet", "how the training set is split", ("dirichlet", "iid")),
+    Option("dirichlet_alpha", float, 0.5, "label skew of the Dirichlet split"),
+    Option("seed", int, 0, "seed of the split, the initial model and the local shuffles"),
+]
+_PARTICIPANT = [
+    _BROKER,
+    Option("id", str, None, "participant id (unique in the job)"),
+    Option("shard", str, None, "which part of the split this device holds: I/N"),
+    Option("state_dir", str, None, "outbox and counters (default: ./fedmq-state/<id>)"),
+    Option("once_per_version", bool, False, "train once per model version (sync FedAvg)"),
+    Option("publish_delay", float, 0.0, "seconds to wait after training (slow device)"),
+    Option("max_examples", int, 0, "use at most this many of the shard's examples (0: all)"),
+]
+_DEMO = [
+    Option("broker", str, "memory://demo", "broker URL (default: embedded, nothing to install)"),
+    Option("participants", int, 20, "simulated devices"),
+    Option("target_accuracy", float, 0.80, "stop when the test accuracy reaches this"),
+    Option("max_seconds", float, 600.0, "stop after this many seconds regardless"),
+    Option("train_slots", int, 2, "devices training at the same time (CPU cores)"),
+    Option("out_dir", str, None, "where the report and plot go (default: runs/demo-<time>)"),
+]
+
+COMMANDS: dict[str, list[Option]] = {
+    "aggregator": [_BROKER, *_COMMON, *_STRATEGY],
+    "participant": [*_PARTICIPANT, *_COMMON, *_TRAINING],
+    "demo": [*_DEMO, *_COMMON, *_STRATEGY, *_TRAINING],
+}
+
+
+def transport_config(v: Values) -> TransportConfig:
+    if not v["broker"]:
+        raise ConfigError(
+            "broker: required, e.g. amqp://guest:guest@localhost/ or mqtt://localhost"
+        )
+    return TransportConfig(
+        url=v["broker"],
+        job=v["job"],
+        max_message_bytes=v["max_message_bytes"],
+        prefetch=v.get("prefetch", 32),
+    )
+
+
+def strategy_config(v: Values) -> StrategyConfig:
+    staleness = StalenessConfig(function=v["staleness"], a=v["staleness_a"], b=v["staleness_b"])
+    return StrategyConfig(
+        name=v["strategy"],
+        max_staleness=v["max_staleness"],
+        fedasync=FedAsyncConfig(alpha=v["alpha"], staleness=staleness),
+        fedbuff=FedBuffConfig(
+            buffer_size=v["buffer_size"],
+            server_lr=v["server_lr"],
+            staleness=staleness,
+            server_optimizer=v["server_optimizer"],
+        ),
+        fedavg=FedAvgConfig(clients_per_round=v["clients_per_round"]),
+    )
+
+
+def aggregator_config(v: Values) -> AggregatorConfig:
+    return AggregatorConfig(
+        model=v["model"],
+        seed=v.get("seed", 0),
+        strategy=strategy_config(v),
+        publish_every=v["publish_every"],
+        eval_every=v["eval_every"],
+        eval_examples=v["eval_examples"],
+        limits=WireLimits(max_message_bytes=v["max_message_bytes"]),
+    )
+
+
+def codec_config(v: Values) -> CodecConfig:
+    return CodecConfig(
+        name=v["codec"],
+        block_size=v["block_size"],
+        stochastic_rounding=v["stochastic_rounding"],
+        topk_fraction=v["topk_fraction"],
+        topk_values=v["topk_values"],
+    )
+
+
+def participant_config(v: Values, participant_id: str, state_dir: Path) -> ParticipantConfig:
+    return ParticipantConfig(
+        participant_id=participant_id,
+        state_dir=state_dir,
+        model=v["model"],
+        epochs=v["epochs"],
+        batch_size=v["batch_size"],
+        lr=v["lr"],
+        seed=v["seed"],
+        codec=codec_config(v),
+        error_feedback=v["error_feedback"],
+        once_per_version=v.get("once_per_version", False),
+        publish_delay_s=v.get("publish_delay", 0.0),
+        limits=WireLimits(max_message_bytes=v["max_message_bytes"]),
+    )
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"3/20"`` -> (3, 20); the index is 0-based."""
+    try:
+        index, count = (int(part) for part in (text or "").split("/"))
+    except ValueError:
+        raise ConfigError(f"shard: {text!r} must be I/N, e.g. 0/20") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"shard: index {index} must be in 0..{count - 1}")
+    return index, count
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmq", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "demo": "a whole fleet on one machine: aggregator + devices, live progress",
+        "aggregator": "run the aggregator service",
+        "participant": "run one device",
+    }
+    for name, options in COMMANDS.items():
+        sub = commands.add_parser(name, help=helps[name], description=helps[name])
+        sub.add_argument(
+            "--config", "-c", type=Path, default=None, help="TOML file; env FEDMQ_CONFIG"
+        )
+        add_options(sub, options)
+    return parser
+
+
+def _run(coroutine: Coroutine[Any, Any, int]) -> int:
+    """Run the process's main coroutine; SIGTERM cancels it like Ctrl-C does."""
+
+    async def guarded() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coroutine
+
+    try:
+        return asyncio.run(guarded())
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        return 130
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedmq`` console script."""
+    args = _build_parser().parse_args(argv)
+    options = COMMANDS[args.command]
+    every = frozenset(o.name for opts in COMMANDS.values() for o in opts)
+    config_file = args.config or (
+        Path(os.environ["FEDMQ_CONFIG"]) if "FEDMQ_CONFIG" in os.environ else None
+    )
+    try:
+        values = resolve_options(
+            args.command, options, args, config_file=config_file, every_name=every
+        )
+        configure_logging(level=values["log_level"], json_format=values["log_format"] == "json")
+        runner: Callable[[Values], Coroutine[Any, Any, int]] = _RUNNERS[args.command]
+        return _run(runner(values))
+    except FedmqError as error:
+        print(f"fedmq: error: {error}", file=sys.stderr)
+        return 2
+
+
+async def _aggregator(v: Values) -> int:
+    from fedmq.aggregator.main import run_aggregator
+
+    return await run_aggregator(aggregator_config(v), transport_config(v), v["data_dir"])
+
+
+async def _participant(v: Values) -> int:
+    from fedmq.participant.main import run_participant
+
+    if not v["id"]:
+        raise ConfigError("id: required, e.g. --id dev-01")
+    shard = parse_shard(v["shard"])
+    state_dir = Path(v["state_dir"] or Path("fedmq-state") / v["id"])
+    return await run_participant(
+        participant_config(v, v["id"], state_dir),
+        transport_config(v),
+        data_dir=v["data_dir"],
+        shard=shard,
+        partition=v["partition"],
+        dirichlet_alpha=v["dirichlet_alpha"],
+        max_examples=v["max_examples"],
+    )
+
+
+async def _demo(v: Values) -> int:
+    from fedmq.sim.demo import DemoConfig, run_demo
+
+    config = DemoConfig(
+        participants=v["participants"],
+        target_accuracy=v["target_accuracy"],
+        max_seconds=v["max_seconds"],
+        train_slots=v["train_slots"],
+        partition=v["partition"],
+        dirichlet_alpha=v["dirichlet_alpha"],
+        out_dir=Path(v["out_dir"]) if v["out_dir"] else None,
+        aggregator=aggregator_config(v),
+        transport=transport_config(v),
+        participant=participant_config(v, "template", Path(".")),
+    )
+    return await run_demo(config, v["data_dir"])
+
+
+_RUNNERS = {"aggregator": _aggregator, "participant": _participant, "demo": _demo}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

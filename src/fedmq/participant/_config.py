@@ -1,0 +1,53 @@
+"""A participant's configuration: one frozen dataclass, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedmq.codecs import CodecConfig
+from fedmq.errors import ConfigError
+from fedmq.wire import WireLimits
+
+__all__ = ["ParticipantConfig"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParticipantConfig:
+    """How one device trains and what it sends.
+
+    ``state_dir`` holds the outbox, the sequence counter and the error-feedback
+    residual; keep it on persistent storage so a reboot loses nothing.
+    ``once_per_version``: train at most once per model version (synchronous
+    FedAvg rounds); otherwise train continuously on the newest model held.
+    ``publish_delay_s``: wait this long after training before the update is
+    handed to the outbox (simulates a slow chip or radio in benchmarks).
+    """
+
+    participant_id: str
+    state_dir: Path
+    model: str = "cnn-s"
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    seed: int = 0
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    error_feedback: bool = True
+    once_per_version: bool = False
+    publish_delay_s: float = 0.0
+    limits: WireLimits = field(default_factory=WireLimits)
+
+    def __post_init__(self) -> None:
+        pid = self.participant_id
+        if not pid or len(pid) > 128 or not all(c.isalnum() or c in "-_." for c in pid):
+            raise ConfigError(f"id: {pid!r} must be 1-128 characters of [A-Za-z0-9._-]")
+        if self.model not in ("cnn-s", "mlp"):
+            raise ConfigError(f"model: {self.model!r} is not one of cnn-s, mlp")
+        if self.epochs < 1:
+            raise ConfigError(f"epochs: {self.epochs} must be >= 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: {self.batch_size} must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError(f"lr: {self.lr} must be > 0")
+        if self.publish_delay_s < 0:
+            raise ConfigError(f"publish_delay: {self.publish_delay_s} must be >= 0")

@@ -1,0 +1,229 @@
+"""The device runtime: model in -> train -> delta -> encode -> outbox -> publish.
+
+Three named tasks share a little state:
+- ``models``: keeps the newest valid model the broker delivered;
+- ``train``: trains on the newest model, writes the encoded delta to the outbox;
+- ``outbox``: publishes pending updates in sequence order, removing each one
+  only after the broker confirmed it.
+A model arriving mid-training never touches the training in progress: the
+finished update is tagged with the version it was trained from, and the
+aggregator judges its staleness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedmq._fs import atomic_write
+from fedmq._log import log_event
+from fedmq.codecs import ErrorFeedback, encode_params
+from fedmq.errors import PayloadTooLarge, WireError
+from fedmq.models import build_model, get_params, set_params, train_local
+from fedmq.participant._config import ParticipantConfig
+from fedmq.participant._outbox import Outbox
+from fedmq.transport import ParticipantTransport
+from fedmq.wire import UpdateEnvelope, decode_model, encode_update, materialize, tensor_spec_of
+
+__all__ = ["Participant", "ParticipantStats"]
+
+_log = logging.getLogger("fedmq.participant")
+
+Params = dict[str, np.ndarray]
+
+
+@dataclass(kw_only=True)
+class ParticipantStats:
+    """Live counters of one device, owned by its event loop."""
+
+    models_received: int = 0
+    models_rejected: int = 0
+    model_version: int | None = None
+    trained: int = 0
+    published: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    last_loss: float | None = None
+
+
+class Participant:
+    """One device: trains on ``x``/``y`` (its own data, never sent anywhere).
+
+    ``train_slots`` (optional) caps how many participants of one process train
+    at once, so a simulated fleet measures the protocol, not CPU contention.
+    """
+
+    def __init__(
+        self,
+        config: ParticipantConfig,
+        transport: ParticipantTransport,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        train_slots: asyncio.Semaphore | None = None,
+    ) -> None:
+        self.config = config
+        self.stats = ParticipantStats()
+        self._transport = transport
+        self._x = x  # [n, 1, 28, 28]
+        self._y = y  # [n]
+        self._slots = train_slots
+        self._model = build_model(config.model)  # type: ignore[arg-type]
+        self._spec = tensor_spec_of(get_params(self._model))
+        self._outbox = Outbox(config.state_dir / "outbox")
+        self._feedback = ErrorFeedback(config.codec) if config.error_feedback else None
+        self._load_feedback()
+        self._latest: tuple[int, Params] | None = None
+        self._model_arrived = asyncio.Event()
+        self._outbox_filled = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def next_seq(self) -> int:
+        return self._outbox.next_seq
+
+    @property
+    def pending(self) -> int:
+        """Updates in the outbox, not yet confirmed by the broker."""
+        return len(self._outbox.pending())
+
+    def start(self, tg: asyncio.TaskGroup) -> None:
+        """Start the device's three tasks in the process's TaskGroup."""
+        pid = self.config.participant_id
+        self._outbox_filled.set()  # publish whatever a previous run left behind
+        self._tasks = [
+            tg.create_task(self._receive_models(), name=f"{pid}:models"),
+            tg.create_task(self._train_forever(), name=f"{pid}:train"),
+            tg.create_task(self._drain_outbox(), name=f"{pid}:outbox"),
+        ]
+
+    def stop(self) -> None:
+        """Cancel the device's tasks (what is in the outbox stays there)."""
+        for task in self._tasks:
+            task.cancel()
+
+    async def _receive_models(self) -> None:
+        async for body in self._transport.models():
+            self.stats.bytes_down += len(body)
+            try:
+                version, params = await asyncio.to_thread(self._decode_model, body)
+            except WireError as error:
+                self.stats.models_rejected += 1
+                log_event(_log, "model_rejected", logging.WARNING, reason=error.reason.value)
+                continue
+            if self._latest is None or version > self._latest[0]:
+                if self._latest is None:
+                    log_event(
+                        _log, "first_model", participant=self.config.participant_id, version=version
+                    )
+                self._latest = (version, params)
+                self.stats.models_received += 1
+                self.stats.model_version = version
+                self._model_arrived.set()
+
+    def _decode_model(self, body: bytes) -> tuple[int, Params]:
+        envelope = decode_model(body, spec=self._spec, limits=self.config.limits)
+        return envelope.version, materialize(envelope.tensors)
+
+    async def _train_forever(self) -> None:
+        trained_version: int | None = None
+        while True:
+            while self._latest is None or (
+                self.config.once_per_version and self._latest[0] == trained_version
+            ):
+                self._model_arrived.clear()
+                await self._model_arrived.wait()
+            # Take the newest model only once a training slot is ours, so a device
+            # that queued for the CPU does not train from a model that aged meanwhile.
+            async with self._slots or contextlib.nullcontext():
+                version, base = self._latest
+                seq, body = await asyncio.to_thread(self._train_once, version, base)
+            trained_version = version
+            if self.config.publish_delay_s:
+                await asyncio.sleep(self.config.publish_delay_s)
+            await asyncio.to_thread(self._store, seq, body)
+            self._outbox_filled.set()
+
+    def _train_once(self, version: int, base: Params) -> tuple[int, bytes]:
+        """Train from ``base``; return (seq, encoded update). Runs in a worker thread."""
+        seq = self._outbox.next_seq
+        set_params(self._model, base)
+        loss = train_local(
+            self._model,
+            self._x,
+            self._y,
+            epochs=self.config.epochs,
+            batch_size=self.config.batch_size,
+            lr=self.config.lr,
+            seed=self.config.seed * 1_000_003 + seq,
+        )
+        local = get_params(self._model)
+        delta = {name: local[name] - base[name] for name in base}
+        rng = np.random.default_rng([self.config.seed, seq])
+        if self._feedback is not None:
+            tensors = self._feedback.encode(delta, rng)
+        else:
+            tensors = encode_params(delta, self.config.codec, rng)
+        envelope = UpdateEnvelope(
+            participant=self.config.participant_id,
+            seq=seq,
+            base_version=version,
+            num_examples=len(self._y),
+            loss=loss,
+            created=time.time(),
+            tensors=tuple(tensors),
+        )
+        self.stats.trained += 1
+        self.stats.last_loss = loss
+        return seq, encode_update(envelope)
+
+    def _store(self, seq: int, body: bytes) -> None:
+        self._outbox.put(seq, body)
+        self._save_feedback()
+
+    async def _drain_outbox(self) -> None:
+        while True:
+            await self._outbox_filled.wait()
+            self._outbox_filled.clear()
+            for seq in self._outbox.pending():
+                body = self._outbox.read(seq)
+                try:
+                    await self._transport.publish_update(body)
+                except PayloadTooLarge as error:
+                    # Retrying cannot help: the broker will never take it. Say so once.
+                    log_event(_log, "update_too_large", logging.ERROR, seq=seq, error=str(error))
+                    self._outbox.remove(seq)
+                    continue
+                self._outbox.remove(seq)
+                self.stats.published += 1
+                self.stats.bytes_up += len(body)
+                log_event(
+                    _log,
+                    "published",
+                    logging.DEBUG,
+                    participant=self.config.participant_id,
+                    seq=seq,
+                    bytes=len(body),
+                )
+
+    # The error-feedback residual is device state like the outbox: it must
+    # survive a reboot, or what the codec dropped would be lost for good.
+    def _load_feedback(self) -> None:
+        path = self.config.state_dir / "feedback.npz"
+        if self._feedback is not None and path.exists():
+            with np.load(path, allow_pickle=False) as data:
+                self._feedback.load_state_dict({k: data[k] for k in data.files})
+
+    def _save_feedback(self) -> None:
+        if self._feedback is None:
+            return
+        buffer = io.BytesIO()
+        np.savez(buffer, **self._feedback.state_dict())  # type: ignore[arg-type]
+        atomic_write(self.config.state_dir / "feedback.npz", buffer.getvalue())

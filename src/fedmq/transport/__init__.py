@@ -1,0 +1,18 @@
+"""Brokers behind one interface: AMQP (aio-pika), MQTT (aiomqtt), and an embedded default."""
+
+from fedmq.transport._base import (
+    AggregatorTransport,
+    Delivery,
+    ParticipantTransport,
+    TransportConfig,
+)
+from fedmq.transport._factory import connect_aggregator, connect_participant
+
+__all__ = [
+    "AggregatorTransport",
+    "Delivery",
+    "ParticipantTransport",
+    "TransportConfig",
+    "connect_aggregator",
+    "connect_participant",
+]

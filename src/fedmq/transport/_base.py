@@ -1,0 +1,155 @@
+"""The transport interface: what the aggregator and the participants need from a broker.
+
+Two roles, one protocol each. Both are async context managers that own their
+connection and its reconnection (capped exponential backoff with jitter, then
+re-declare the topology and resubscribe explicitly).  Nothing above this package
+imports aio-pika or aiomqtt: their exceptions are mapped to ``TransportError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, Self
+
+from fedmq.errors import ConfigError, Rejection
+
+__all__ = [
+    "AggregatorTransport",
+    "Delivery",
+    "ParticipantTransport",
+    "TransportConfig",
+]
+
+_SCHEMES = ("amqp", "amqps", "mqtt", "mqtts", "memory")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransportConfig:
+    """Where the broker is and how to talk to it.
+
+    ``url`` picks the implementation by scheme: ``amqp://user:pass@host:5672/vhost``,
+    ``mqtt://host:1883`` or ``memory://name`` (the embedded in-process default).
+    ``job`` namespaces every queue, exchange and topic, so jobs never see each
+    other's traffic.
+    """
+
+    url: str
+    job: str = "default"
+    # Larger messages are refused with PayloadTooLarge before sending (never chunked).
+    # RabbitMQ's default max_message_size is 128 MiB; Mosquitto's packet limit is 256 MiB.
+    max_message_bytes: int = 64 * 1024 * 1024
+    # Unacked updates the aggregator holds at once: the AMQP consumer prefetch. MQTT 3.1.1
+    # cannot ask for a window; there the broker's max_inflight_messages bounds it instead.
+    prefetch: int = 32
+    reconnect_initial_s: float = 0.2
+    reconnect_max_s: float = 10.0
+    connect_timeout_s: float = 10.0
+    # AMQP only: the broker user whose model messages participants accept. RabbitMQ
+    # verifies a message's user_id against the publisher's login, but lets any user
+    # with write on the default exchange append to the model stream; with this set,
+    # a participant drops models whose user_id differs. None accepts every model.
+    model_publisher: str | None = None
+
+    def __post_init__(self) -> None:
+        scheme = self.url.split("://", 1)[0] if "://" in self.url else ""
+        if scheme not in _SCHEMES:
+            raise ConfigError(
+                f"broker: unsupported URL {self.url!r}; allowed schemes: {', '.join(_SCHEMES)}"
+            )
+        if not self.job or not all(c.isalnum() or c in "-_" for c in self.job):
+            raise ConfigError(f"job: {self.job!r} must be non-empty [A-Za-z0-9_-]")
+        if self.max_message_bytes <= 0:
+            raise ConfigError("max_message_bytes: must be > 0")
+        if self.prefetch < 1:
+            raise ConfigError("prefetch: must be >= 1")
+        if not 0 < self.reconnect_initial_s <= self.reconnect_max_s:
+            raise ConfigError("reconnect_initial_s: must be > 0 and <= reconnect_max_s")
+        if self.model_publisher is not None and not self.model_publisher:
+            raise ConfigError("model_publisher: must be a broker user name, or None")
+
+    @property
+    def scheme(self) -> str:
+        return self.url.split("://", 1)[0]
+
+
+class Delivery(Protocol):
+    """One update message handed to the aggregator. Settle it exactly once."""
+
+    @property
+    def body(self) -> bytes: ...
+
+    @property
+    def participant_hint(self) -> str | None:
+        """The participant id the broker routed this by (MQTT topic, AMQP routing key)."""
+        ...
+
+    async def ack(self) -> None:
+        """The update was applied (or is durably covered): the broker may forget it."""
+        ...
+
+    async def reject(self, rejection: Rejection) -> None:
+        """The update was refused: make it visible to operators, then forget it."""
+        ...
+
+
+class AggregatorTransport(Protocol):
+    """The aggregator's side: consume updates, publish models."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def updates(self) -> AsyncIterator[Delivery]:
+        """Every update published to the job, across reconnects, until closed.
+
+        A delivery not acked before a reconnect is redelivered by the broker;
+        the aggregator deduplicates by (participant, sequence).
+        """
+        ...
+
+    async def publish_model(self, body: bytes, *, version: int) -> None:
+        """Publish a model so that current and late-joining participants get it.
+
+        Returns once the broker has it (confirm / PUBACK); waits through reconnects.
+        Raises PayloadTooLarge if body exceeds ``max_message_bytes``.
+        """
+        ...
+
+
+class ParticipantTransport(Protocol):
+    """A device's side: receive models, publish its own updates."""
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    def models(self) -> AsyncIterator[bytes]:
+        """Model messages: the latest one at once on (re)subscribe, then each new one.
+
+        May repeat or reorder versions across reconnects; the caller keeps the newest.
+        """
+        ...
+
+    async def publish_update(self, body: bytes) -> None:
+        """Publish one update; returns once the broker confirmed it (persisted).
+
+        Waits through reconnects. Raises PayloadTooLarge (never retried).
+        """
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection is up right now (for progress displays)."""
+        ...
