@@ -1,0 +1,510 @@
+"""RabbitMQ transport: aio-pika over plain ``aio_pika.connect`` with our own reconnection.
+
+Topology of job ``<job>`` (every declare is idempotent; both roles declare what
+they use, so start order does not matter):
+
+- ``fedmq.<job>.updates``  classic durable queue.  Participants publish through
+  the default exchange, persistent, with publisher confirms and ``mandatory``;
+  header ``participant`` carries the participant id.  The aggregator consumes
+  with ``prefetch`` and manual acks.
+- ``fedmq.<job>.rejected`` classic durable queue (declared by the aggregator):
+  refused updates, original body, headers ``reason``, ``detail``,
+  ``participant``, ``original-size``.
+- ``fedmq.<job>.models``   stream queue.  The aggregator appends each model
+  (confirmed, header ``version``); each participant consumes it from
+  ``x-stream-offset: last`` on every (re)connect, so a late joiner gets the
+  current model at once.
+
+Only ``x-queue-type`` is set as a queue argument: lengths, retention and
+dead-lettering are operator policies (broker_config/definitions.json), because
+arguments are immutable and every client's redeclare must match them.
+
+aio-pika's ``connect_robust`` is deliberately not used (house style): see
+``_session.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import unquote, urlsplit
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+from aio_pika.exceptions import (
+    AMQPError,
+    AuthenticationError,
+    ChannelInvalidStateError,
+    ChannelPreconditionFailed,
+    DeliveryError,
+    ProbableAuthenticationError,
+    PublishError,
+)
+from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
+from pamqp.exceptions import PAMQPException
+
+from fedmq.errors import ClosedResourceError, ConfigError, PayloadTooLarge, Rejection
+from fedmq.transport._backoff import Backoff
+from fedmq.transport._base import TransportConfig
+from fedmq.transport._common import (
+    LOG,
+    Lifecycle,
+    check_participant_id,
+    check_size,
+    redact_url,
+)
+from fedmq.transport._inbox import Inbox, InboxIterator
+from fedmq.transport._session import Session, SessionLost, Supervisor
+
+__all__ = [
+    "DEAD_LETTER_EXCHANGE",
+    "AmqpAggregator",
+    "AmqpNames",
+    "AmqpParticipant",
+    "amqp_names",
+]
+
+# Every error that means "this connection or channel is broken": retry on the next session.
+_BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    AMQPError,
+    ChannelInvalidStateError,
+    PAMQPException,
+    OSError,
+    TimeoutError,
+)
+_REJECT_ERRORS: tuple[type[BaseException], ...] = (SessionLost, PayloadTooLarge, *_BROKER_ERRORS)
+DEAD_LETTER_EXCHANGE = "fedmq.dlx"  # broker_config/definitions.json's, if the broker has it
+_MODELS_PREFETCH = 2  # stream consumers need a prefetch (it is their credit)
+_DETAIL_MAX = 1000  # characters of a rejection's detail kept in its header
+_CLOSE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class AmqpNames:
+    """Queue names of one job."""
+
+    updates: str
+    rejected: str
+    models: str
+
+
+def amqp_names(job: str) -> AmqpNames:
+    """The queues of ``job`` (for operators and tests that inspect or delete them)."""
+    return AmqpNames(
+        updates=f"fedmq.{job}.updates",
+        rejected=f"fedmq.{job}.rejected",
+        models=f"fedmq.{job}.models",
+    )
+
+
+# Queue arguments are immutable and must match on every redeclare, so only what cannot
+# be a policy is set here: the stream type. Limits (length, retention, dead-lettering)
+# belong to operator policies (broker_config/definitions.json, docs/transports.md).
+_STREAM: dict[str, Any] = {"x-queue-type": "stream"}
+
+
+def _is_fatal(exc: BaseException) -> bool:
+    """Errors not worth retrying on the very first connect (bad credentials)."""
+    return isinstance(exc, AuthenticationError | ProbableAuthenticationError)
+
+
+def _too_large(exc: BaseException) -> bool:
+    # RabbitMQ closes the channel with 406 "message size N is larger than configured max size M".
+    return isinstance(exc, ChannelPreconditionFailed) and "max size" in str(exc)
+
+
+class _AmqpSession(Session):
+    def __init__(
+        self,
+        label: str,
+        connection: AbstractConnection,
+        publish: AbstractChannel,
+        config: TransportConfig,
+    ) -> None:
+        super().__init__(label)
+        self.connection = connection
+        self.publish_channel = publish
+        self._config = config
+        # RabbitMQ checks user_id against the login, so consumers can trust it (model
+        # publisher, update sender). Only set with an explicit user: EXTERNAL (certificate)
+        # logins have none in the URL, and a wrong user_id would be refused.
+        username = urlsplit(config.url).username
+        self._user_id = unquote(username) if username else None
+
+    async def publish(
+        self, body: bytes, *, routing_key: str, headers: dict[str, Any], what: str
+    ) -> None:
+        """Persistent, mandatory, confirmed publish through the default exchange."""
+        message = aio_pika.Message(
+            body,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            headers=headers,
+            user_id=self._user_id,
+        )
+        nacks = Backoff(
+            initial_s=self._config.reconnect_initial_s, max_s=self._config.reconnect_max_s
+        )
+        while True:
+            try:
+                await self.publish_channel.default_exchange.publish(
+                    message, routing_key=routing_key, mandatory=True
+                )
+                return
+            except ChannelPreconditionFailed as exc:
+                if _too_large(exc):
+                    raise PayloadTooLarge(
+                        f"RabbitMQ refused the {what} of {len(body)} bytes: {exc}; "
+                        "lower max_message_bytes or raise RabbitMQ's max_message_size"
+                    ) from exc
+                raise
+            except DeliveryError as exc:
+                if isinstance(exc, PublishError):
+                    raise  # returned unroutable: the queue is gone; reconnect redeclares it
+                # Nacked, e.g. a full queue with overflow=reject-publish: the connection is
+                # fine, so wait and try again on it rather than reconnecting.
+                delay = nacks.next_delay()
+                LOG.info(
+                    "%s: broker nacked the %s (%s); retrying in %.2f s",
+                    self.label,
+                    what,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+
+def _track(session: Session, *closables: AbstractConnection | AbstractChannel) -> None:
+    """Lose the session when its connection or any of its channels closes."""
+
+    def on_close(_sender: object, exc: BaseException | None = None) -> None:
+        session.lose(exc if exc is not None else aiormq.exceptions.ConnectionClosed())
+
+    for closable in closables:
+        closable.close_callbacks.add(on_close)
+
+
+async def _connect(config: TransportConfig, name: str) -> AbstractConnection:
+    return await aio_pika.connect(
+        config.url,
+        timeout=config.connect_timeout_s,
+        client_properties={"connection_name": name},
+    )
+
+
+async def _close_quietly(connection: AbstractConnection) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+            await connection.close()
+
+
+async def _declare(
+    connection: AbstractConnection,
+    name: str,
+    arguments: dict[str, Any] | None = None,
+) -> None:
+    """Declare a durable queue, idempotently, on a scratch channel.
+
+    Falls back to a passive declare (the queue must exist) when the queue exists
+    with other arguments, or when this user may not configure queues (devices in
+    broker_config/definitions.json); a missing queue then fails this connection
+    attempt and the supervisor retries until the aggregator has declared it.
+    """
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        try:
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+            return
+        except ChannelPreconditionFailed as exc:
+            LOG.warning(
+                "amqp: queue %s exists with other arguments; using it as is (%s)", name, exc
+            )
+        except ChannelAccessRefused:
+            LOG.debug("amqp: no configure permission on %s; checking that it exists", name)
+        # The broker closed that channel; look on a fresh one.
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.declare_queue(name, passive=True)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+async def _bind_dead_letters(connection: AbstractConnection, names: AmqpNames) -> None:
+    """If the deployment has the ``fedmq.dlx`` exchange, route this job's dead letters
+    (what the broker itself dead-letters from the updates queue) to the rejected queue."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        exchange = await channel.get_exchange(DEAD_LETTER_EXCHANGE, ensure=True)
+        queue = await channel.get_queue(names.rejected, ensure=False)
+        await queue.bind(exchange, routing_key=names.updates)
+    except ChannelNotFoundEntity:
+        pass  # a bare broker: no dead-lettering configured
+    except ChannelAccessRefused as exc:
+        LOG.warning("amqp: cannot bind %s to %s (%s)", names.rejected, DEAD_LETTER_EXCHANGE, exc)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+def _header_str(headers: dict[str, Any], key: str) -> str | None:
+    value = headers.get(key)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else None
+
+
+class _AmqpDelivery:
+    """One update from the updates queue; settled on the channel it arrived on."""
+
+    __slots__ = ("_message", "_rejected_queue", "_session", "_settled")
+
+    def __init__(
+        self, message: AbstractIncomingMessage, session: _AmqpSession, rejected_queue: str
+    ) -> None:
+        self._message = message
+        self._session = session
+        self._rejected_queue = rejected_queue
+        self._settled = False
+
+    @property
+    def body(self) -> bytes:
+        return self._message.body
+
+    @property
+    def participant_hint(self) -> str | None:
+        return _header_str(dict(self._message.headers), "participant")
+
+    @property
+    def stale(self) -> bool:
+        """Its channel died: the broker has requeued it and will redeliver it."""
+        return self._session.is_lost
+
+    def _settle(self) -> None:
+        if self._settled:
+            raise ClosedResourceError("delivery already acked or rejected")
+        self._settled = True
+
+    async def ack(self) -> None:
+        self._settle()
+        if self.stale:
+            LOG.debug("amqp: ack of a delivery from a lost connection ignored (redelivered)")
+            return
+        try:
+            await self._message.ack()
+        except _BROKER_ERRORS as exc:
+            # The channel died under us: the broker requeues the message and the
+            # aggregator will deduplicate the redelivery. Not an error for the caller.
+            LOG.info("amqp: ack failed (%r); the broker will redeliver", exc)
+            self._session.lose(exc)
+
+    async def reject(self, rejection: Rejection) -> None:
+        self._settle()
+        if self.stale:
+            LOG.debug("amqp: reject of a delivery from a lost connection ignored (redelivered)")
+            return
+        headers: dict[str, Any] = {
+            "reason": rejection.reason.value,
+            "detail": rejection.detail[:_DETAIL_MAX],
+            "participant": self.participant_hint or "",
+            "original-size": len(self.body),
+        }
+        if self._message.user_id:  # the sender's broker-verified login
+            headers["original-user-id"] = self._message.user_id
+        try:
+            # Copy first, then settle: a crash in between duplicates the record, never loses it.
+            await self._session.guard(
+                self._session.publish(
+                    self.body, routing_key=self._rejected_queue, headers=headers, what="rejection"
+                )
+            )
+            await self._message.ack()
+        except _REJECT_ERRORS as exc:
+            LOG.info("amqp: reject failed (%r); the broker will redeliver", exc)
+            self._session.lose(exc)
+
+
+class _AmqpBase:
+    def __init__(self, config: TransportConfig, role: str, client_name: str) -> None:
+        if config.scheme not in ("amqp", "amqps"):
+            raise ConfigError(f"AMQP transport needs an amqp:// URL, got {redact_url(config.url)}")
+        self._config = config
+        self._names = amqp_names(config.job)
+        self._label = f"amqp {role} job={config.job}"
+        self._client_name = client_name
+        self._life = Lifecycle(self._label)
+        self._supervisor: Supervisor[_AmqpSession] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._life.enter()
+        self._supervisor = Supervisor(
+            label=self._label,
+            target=redact_url(self._config.url),
+            config=self._config,
+            serve=self._serve,
+            expected=_BROKER_ERRORS,
+            is_fatal=_is_fatal,
+        )
+        try:
+            await self._supervisor.start()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        self._life.close()
+        self._close_inbox()
+        if self._supervisor is not None:
+            await self._supervisor.stop()
+
+    def _close_inbox(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def connected(self) -> bool:
+        return self._supervisor is not None and self._supervisor.current is not None
+
+    @property
+    def sessions(self) -> int:
+        """How many connections came up so far (1 + reconnects)."""
+        return 0 if self._supervisor is None else self._supervisor.sessions
+
+    async def _serve(self, up: Callable[[_AmqpSession], None]) -> None:
+        connection = await _connect(self._config, self._client_name)
+        try:
+            session = await self._open(connection)
+            up(session)
+            await session.wait_lost()
+        finally:
+            await _close_quietly(connection)
+
+    async def _open(self, connection: AbstractConnection) -> _AmqpSession:
+        raise NotImplementedError
+
+    async def _publish(
+        self, body: bytes, *, routing_key: str, headers: dict[str, Any], what: str
+    ) -> None:
+        self._life.check_open()
+        check_size(body, self._config.max_message_bytes, what)
+        assert self._supervisor is not None
+
+        async def op(session: _AmqpSession) -> None:
+            await session.publish(body, routing_key=routing_key, headers=headers, what=what)
+
+        await self._supervisor.call(op, what=f"publish {what}", retryable=_BROKER_ERRORS)
+
+
+class AmqpAggregator(_AmqpBase):
+    """The aggregator's side on RabbitMQ: consume updates, append models to the stream."""
+
+    def __init__(self, config: TransportConfig) -> None:
+        super().__init__(config, "aggregator", f"fedmq-{config.job}-aggregator")
+        # Unbounded on purpose: the broker never has more than `prefetch` unacked
+        # deliveries out per channel, so this holds at most `prefetch` live ones.
+        self._inbox: Inbox[_AmqpDelivery] = Inbox()
+
+    def _close_inbox(self) -> None:
+        self._inbox.close()
+
+    async def _open(self, connection: AbstractConnection) -> _AmqpSession:
+        names, config = self._names, self._config
+        await _declare(connection, names.updates)
+        await _declare(connection, names.rejected)
+        await _declare(connection, names.models, _STREAM)
+        await _bind_dead_letters(connection, names)
+        publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        consume = await connection.channel(publisher_confirms=False)
+        session = _AmqpSession(self._label, connection, publish, self._config)
+        _track(session, connection, publish, consume)
+        await consume.set_qos(prefetch_count=config.prefetch)
+        queue = await consume.get_queue(names.updates, ensure=False)
+
+        async def on_update(message: AbstractIncomingMessage) -> None:
+            self._inbox.put(_AmqpDelivery(message, session, names.rejected))
+
+        # Deliveries of the previous connection were requeued by the broker; drop our copies.
+        self._inbox.drop_where(lambda d: d.stale)
+        await queue.consume(on_update, no_ack=False)
+        return session
+
+    def updates(self) -> InboxIterator[_AmqpDelivery]:
+        """Every update, across reconnects, until closed; stale deliveries are skipped."""
+        self._life.check_open()
+        return InboxIterator(self._inbox, skip=lambda d: d.stale)
+
+    async def publish_model(self, body: bytes, *, version: int) -> None:
+        await self._publish(
+            body, routing_key=self._names.models, headers={"version": version}, what="model"
+        )
+
+
+class AmqpParticipant(_AmqpBase):
+    """A device's side on RabbitMQ: read models from the stream, publish confirmed updates."""
+
+    def __init__(self, config: TransportConfig, participant_id: str) -> None:
+        self._participant_id = check_participant_id(participant_id)
+        super().__init__(
+            config, f"participant {participant_id}", f"fedmq-{config.job}-p-{participant_id}"
+        )
+        # Latest wins: a participant only needs the newest model; older ones are dropped.
+        self._models: Inbox[bytes] = Inbox(maxlen=1)
+
+    def _close_inbox(self) -> None:
+        self._models.close()
+
+    async def _open(self, connection: AbstractConnection) -> _AmqpSession:
+        names = self._names
+        await _declare(connection, names.updates)
+        await _declare(connection, names.models, _STREAM)
+        publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        consume = await connection.channel(publisher_confirms=False)
+        session = _AmqpSession(self._label, connection, publish, self._config)
+        _track(session, connection, publish, consume)
+        await consume.set_qos(prefetch_count=_MODELS_PREFETCH)
+        stream = await consume.get_queue(names.models, ensure=False)
+
+        publisher = self._config.model_publisher
+
+        async def on_model(message: AbstractIncomingMessage) -> None:
+            # Stream acks only return credit; the model is safe in the stream regardless.
+            with contextlib.suppress(*_BROKER_ERRORS):
+                await message.ack()
+            if publisher is not None and message.user_id != publisher:
+                LOG.warning(
+                    "%s: dropped a model published by user %r, not %r",
+                    self._label,
+                    message.user_id,
+                    publisher,
+                )
+                return
+            self._models.put(message.body)
+
+        # "last": start at the last chunk, so the current model arrives at once
+        # (possibly after a few older ones of the same chunk).
+        await stream.consume(on_model, no_ack=False, arguments={"x-stream-offset": "last"})
+        return session
+
+    def models(self) -> InboxIterator[bytes]:
+        """The current model at once, then each new one (latest wins if the reader lags)."""
+        self._life.check_open()
+        return InboxIterator(self._models)
+
+    async def publish_update(self, body: bytes) -> None:
+        await self._publish(
+            body,
+            routing_key=self._names.updates,
+            headers={"participant": self._participant_id},
+            what="update",
+        )

@@ -1,0 +1,321 @@
+"""The embedded broker behind ``memory://<name>``: same semantics, no broker to install.
+
+Used by ``fedmq demo`` and the unit tests.  Brokers live in a registry keyed by
+the running event loop, then by name: every transport in one loop that names
+``memory://demo`` shares one broker, and a new loop (a new ``asyncio.run``, a
+new test) starts empty.  ``reset_embedded_brokers()`` empties the registry.
+
+Semantics, per job (the same as the real brokers, minus durability):
+
+- updates: a FIFO bounded at ``max_queued_updates`` (publishers wait while it is
+  full); the aggregator gets at most ``prefetch`` unacked deliveries; deliveries
+  not settled when the aggregator closes go back to the front of the queue, in
+  order, marked redelivered;
+- models: the latest one is retained and given at once to every new
+  participant, then broadcast (each participant keeps only the newest unread);
+- rejections: the newest ``max_rejected`` records, readable with
+  ``EmbeddedBroker.rejected(job)`` (what an operator would inspect).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections import deque
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+from fedmq.errors import ClosedResourceError, ConfigError, Rejection
+from fedmq.transport._base import TransportConfig
+from fedmq.transport._common import Lifecycle, check_participant_id, check_size
+from fedmq.transport._inbox import Inbox, InboxIterator
+
+__all__ = [
+    "EmbeddedAggregator",
+    "EmbeddedBroker",
+    "EmbeddedParticipant",
+    "RejectedRecord",
+    "embedded_broker",
+    "reset_embedded_brokers",
+]
+
+_REGISTRY: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, EmbeddedBroker]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RejectedRecord:
+    """A refused update as an operator sees it."""
+
+    reason: str
+    detail: str
+    participant: str | None
+    body: bytes
+
+
+@dataclass
+class _Entry:
+    seq: int
+    body: bytes
+    participant: str
+    redelivered: bool = False
+
+
+@dataclass
+class _Job:
+    max_queued: int
+    ready: deque[_Entry] = field(default_factory=deque)
+    model: bytes | None = None
+    model_version: int | None = None
+    subscribers: set[Inbox[bytes]] = field(default_factory=set)
+    rejected: deque[RejectedRecord] = field(default_factory=deque)
+    next_seq: int = 0
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        await self._changed.wait()
+
+    def requeue(self, entries: list[_Entry]) -> None:
+        for entry in sorted(entries, key=lambda e: e.seq, reverse=True):
+            entry.redelivered = True
+            self.ready.appendleft(entry)
+        self.notify()
+
+
+class EmbeddedBroker:
+    """One named in-process broker; get it with ``embedded_broker(name)``."""
+
+    def __init__(self, name: str, *, max_queued_updates: int = 10_000, max_rejected: int = 1000):
+        if max_queued_updates < 1 or max_rejected < 1:
+            raise ConfigError("embedded broker: max_queued_updates and max_rejected must be >= 1")
+        self.name = name
+        self._max_queued = max_queued_updates
+        self._max_rejected = max_rejected
+        self._jobs: dict[str, _Job] = {}
+
+    def _job(self, job: str) -> _Job:
+        state = self._jobs.get(job)
+        if state is None:
+            state = self._jobs[job] = _Job(
+                max_queued=self._max_queued,
+                rejected=deque(maxlen=self._max_rejected),
+            )
+        return state
+
+    def queued_updates(self, job: str) -> int:
+        """Updates waiting for the aggregator (not counting unacked deliveries)."""
+        return len(self._job(job).ready)
+
+    def latest_model(self, job: str) -> tuple[int, bytes] | None:
+        """The retained model as ``(version, body)``, if any."""
+        state = self._job(job)
+        if state.model is None or state.model_version is None:
+            return None
+        return state.model_version, state.model
+
+    def rejected(self, job: str) -> list[RejectedRecord]:
+        """The newest rejections of ``job``, oldest first."""
+        return list(self._job(job).rejected)
+
+
+def embedded_broker(
+    name: str, *, max_queued_updates: int = 10_000, max_rejected: int = 1000
+) -> EmbeddedBroker:
+    """The broker called ``name`` in the running event loop, created on first use.
+
+    The limits apply when this call creates it; later calls return it unchanged.
+    """
+    brokers = _REGISTRY.setdefault(asyncio.get_running_loop(), {})
+    broker = brokers.get(name)
+    if broker is None:
+        broker = brokers[name] = EmbeddedBroker(
+            name, max_queued_updates=max_queued_updates, max_rejected=max_rejected
+        )
+    return broker
+
+
+def reset_embedded_brokers() -> None:
+    """Forget every embedded broker (tests); open transports keep their old one."""
+    _REGISTRY.clear()
+
+
+def _broker_name(config: TransportConfig) -> str:
+    if config.scheme != "memory":
+        raise ConfigError(f"broker: the embedded transport needs memory://, got {config.url!r}")
+    return config.url.split("://", 1)[1].strip("/") or "default"
+
+
+class _EmbeddedDelivery:
+    __slots__ = ("_entry", "_owner", "_settled")
+
+    def __init__(self, entry: _Entry, owner: EmbeddedAggregator) -> None:
+        self._entry = entry
+        self._owner = owner
+        self._settled = False
+
+    @property
+    def body(self) -> bytes:
+        return self._entry.body
+
+    @property
+    def participant_hint(self) -> str | None:
+        return self._entry.participant
+
+    @property
+    def redelivered(self) -> bool:
+        return self._entry.redelivered
+
+    def _settle(self) -> None:
+        if self._settled:
+            raise ClosedResourceError("delivery already acked or rejected")
+        self._settled = True
+
+    async def ack(self) -> None:
+        self._settle()
+        self._owner._settle(self._entry)
+
+    async def reject(self, rejection: Rejection) -> None:
+        self._settle()
+        if self._owner._settle(self._entry):
+            self._owner._job_state.rejected.append(
+                RejectedRecord(
+                    reason=rejection.reason.value,
+                    detail=rejection.detail,
+                    participant=self._entry.participant,
+                    body=self._entry.body,
+                )
+            )
+
+
+class _Updates:
+    """``async for`` over the job's queue, at most ``prefetch`` unacked at a time."""
+
+    def __init__(self, owner: EmbeddedAggregator) -> None:
+        self._owner = owner
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> _EmbeddedDelivery:
+        owner = self._owner
+        job = owner._job_state
+        while True:
+            if not owner._life.is_open:
+                raise StopAsyncIteration
+            if job.ready and len(owner._unacked) < owner._config.prefetch:
+                entry = job.ready.popleft()
+                owner._unacked[entry.seq] = entry
+                job.notify()  # room for a waiting publisher
+                return _EmbeddedDelivery(entry, owner)
+            await job.changed()
+
+
+class EmbeddedAggregator:
+    """The aggregator's side on the embedded broker."""
+
+    def __init__(self, config: TransportConfig) -> None:
+        self._config = config
+        self._name = _broker_name(config)
+        self._life = Lifecycle(f"embedded aggregator job={config.job}")
+        self._job: _Job | None = None
+        self._unacked: dict[int, _Entry] = {}
+
+    @property
+    def _job_state(self) -> _Job:
+        if self._job is None:
+            raise ClosedResourceError("embedded aggregator is not open")
+        return self._job
+
+    async def __aenter__(self) -> Self:
+        self._life.enter()
+        self._job = embedded_broker(self._name)._job(self._config.job)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._life.close()
+        if self._job is not None:
+            # Like a broker seeing its consumer's channel close: unacked go back, in order.
+            unacked, self._unacked = list(self._unacked.values()), {}
+            self._job.requeue(unacked)
+
+    def _settle(self, entry: _Entry) -> bool:
+        """Forget an unacked entry; False if it was already returned to the queue."""
+        if self._unacked.pop(entry.seq, None) is None:
+            return False
+        self._job_state.notify()
+        return True
+
+    def updates(self) -> _Updates:
+        self._life.check_open()
+        return _Updates(self)
+
+    async def publish_model(self, body: bytes, *, version: int) -> None:
+        self._life.check_open()
+        check_size(body, self._config.max_message_bytes, "model")
+        job = self._job_state
+        job.model, job.model_version = body, version
+        for inbox in job.subscribers:
+            inbox.put(body)
+
+
+class EmbeddedParticipant:
+    """A device's side on the embedded broker."""
+
+    def __init__(self, config: TransportConfig, participant_id: str) -> None:
+        self._config = config
+        self._participant_id = check_participant_id(participant_id)
+        self._name = _broker_name(config)
+        self._life = Lifecycle(f"embedded participant {participant_id} job={config.job}")
+        self._job: _Job | None = None
+        self._models: Inbox[bytes] = Inbox(maxlen=1)  # latest wins
+
+    async def __aenter__(self) -> Self:
+        self._life.enter()
+        job = self._job = embedded_broker(self._name)._job(self._config.job)
+        job.subscribers.add(self._models)
+        if job.model is not None:
+            self._models.put(job.model)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._life.close()
+        self._models.close()
+        if self._job is not None:
+            self._job.subscribers.discard(self._models)
+            self._job.notify()  # wake our own publishers waiting for room
+
+    @property
+    def connected(self) -> bool:
+        return self._life.is_open
+
+    def models(self) -> InboxIterator[bytes]:
+        self._life.check_open()
+        return InboxIterator(self._models)
+
+    async def publish_update(self, body: bytes) -> None:
+        self._life.check_open()
+        check_size(body, self._config.max_message_bytes, "update")
+        assert self._job is not None
+        job = self._job
+        while len(job.ready) >= job.max_queued:  # bounded: wait for the aggregator
+            await job.changed()
+            self._life.check_open()
+        job.ready.append(_Entry(seq=job.next_seq, body=body, participant=self._participant_id))
+        job.next_seq += 1
+        job.notify()

@@ -1,0 +1,340 @@
+"""The MQTT transport against the real Mosquitto: manual PUBACK, retained model, outages.
+
+The restart test runs a Mosquitto of its own (free port, persistence in a temp
+folder) and SIGTERMs it mid-test, so the shared broker is never disturbed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiomqtt
+import pytest
+
+from fedmq.errors import (
+    BrokerUnavailable,
+    ClosedResourceError,
+    PayloadTooLarge,
+    Reason,
+    RejectedUpdate,
+)
+from fedmq.transport import Delivery, TransportConfig, connect_aggregator, connect_participant
+from fedmq.transport.mqtt import MqttAggregator, MqttParticipant, mqtt_topics
+
+pytestmark = pytest.mark.mqtt
+
+LIMIT = 256 * 1024
+PARTICIPANTS = ("p1", "p2", "p9", "late")  # every participant id these tests use
+
+
+def _config(url: str, job: str, **overrides: Any) -> TransportConfig:
+    options: dict[str, Any] = {
+        "max_message_bytes": LIMIT,
+        "reconnect_initial_s": 0.05,
+        "reconnect_max_s": 0.5,
+        "connect_timeout_s": 5.0,
+    }
+    options.update(overrides)
+    return TransportConfig(url=url, job=job, **options)
+
+
+async def _forget_job(url: str, job: str) -> None:
+    """Clear the retained model and every persistent session the test left on the broker."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 1883
+    async with aiomqtt.Client(host, port) as client:
+        await client.publish(mqtt_topics(job).model, b"", qos=1, retain=True)
+    ids = [f"fedmq-{job}-aggregator", *(f"fedmq-{job}-p-{pid}" for pid in PARTICIPANTS)]
+    for client_id in ids:
+        # Connecting with clean_session=True discards the stored session of that id.
+        async with aiomqtt.Client(host, port, identifier=client_id, clean_session=True):
+            pass
+
+
+@pytest.fixture
+async def config(mqtt_url: str, job: str) -> AsyncIterator[TransportConfig]:
+    yield _config(mqtt_url, job)
+    await _forget_job(mqtt_url, job)
+
+
+async def _next(iterator: AsyncIterator[Any], within: float = 5.0) -> Any:
+    return await asyncio.wait_for(anext(iterator), within)
+
+
+async def _nothing_within(iterator: AsyncIterator[Any], within: float) -> bool:
+    try:
+        await asyncio.wait_for(anext(iterator), within)
+    except TimeoutError:
+        return True
+    return False
+
+
+# -- round trips -----------------------------------------------------------------
+
+
+async def test_update_round_trip_with_ack(config: TransportConfig) -> None:
+    agg_t, part_t = connect_aggregator(config), connect_participant(config, "p1")
+    assert isinstance(agg_t, MqttAggregator) and isinstance(part_t, MqttParticipant)
+    async with agg_t as agg, part_t as part:
+        assert part.connected
+        await part.publish_update(b"update-1")
+        delivery: Delivery = await _next(agg.updates())
+        assert delivery.body == b"update-1"
+        assert delivery.participant_hint == "p1"
+        await delivery.ack()
+    # Acked means PUBACKed: the persistent session has nothing to redeliver.
+    async with MqttAggregator(config) as agg:
+        assert await _nothing_within(agg.updates(), 0.3)
+
+
+async def test_unacked_update_is_redelivered_after_reopen(config: TransportConfig) -> None:
+    async with MqttParticipant(config, "p1") as part:
+        # The aggregator's session must exist for QoS 1 messages to be queued for it.
+        async with MqttAggregator(config) as agg:
+            for i in range(3):
+                await part.publish_update(b"u%d" % i)
+            updates = agg.updates()
+            received = [await _next(updates) for _ in range(3)]
+            assert [d.body for d in received] == [b"u0", b"u1", b"u2"]
+            await received[0].ack()
+        # Settling after the connection closed does not raise: the broker redelivers.
+        await received[1].ack()
+        async with MqttAggregator(config) as agg:
+            updates = agg.updates()
+            again = [await _next(updates) for _ in range(2)]
+            assert sorted(d.body for d in again) == [b"u1", b"u2"]
+            for d in again:
+                await d.ack()
+            assert await _nothing_within(updates, 0.3)
+
+
+async def test_updates_wait_at_the_broker_while_the_aggregator_is_away(
+    config: TransportConfig,
+) -> None:
+    async with MqttAggregator(config):
+        pass  # creates the persistent session and its subscription
+    async with MqttParticipant(config, "p2") as part:
+        await part.publish_update(b"queued")
+    async with MqttAggregator(config) as agg:
+        delivery = await _next(agg.updates())
+        assert (delivery.body, delivery.participant_hint) == (b"queued", "p2")
+        await delivery.ack()
+
+
+# -- models ----------------------------------------------------------------------
+
+
+async def test_late_joiner_gets_current_model_at_once(config: TransportConfig) -> None:
+    async with MqttAggregator(config) as agg:
+        for version in (1, 2, 3):
+            await agg.publish_model(b"model-%d" % version, version=version)
+    async with MqttParticipant(config, "late") as part:
+        models = part.models()
+        assert await _next(models, 2.0) == b"model-3"  # the retained one, at once
+        assert await _nothing_within(models, 0.2)
+
+
+async def test_models_stream_through(config: TransportConfig) -> None:
+    async with MqttAggregator(config) as agg, MqttParticipant(config, "p1") as part:
+        models = part.models()
+        for version in range(1, 6):
+            body = b"model-%d" % version
+            await agg.publish_model(body, version=version)
+            assert await _next(models) == body
+
+
+# -- limits and rejections -------------------------------------------------------
+
+
+async def test_payload_too_large_is_refused_before_sending(config: TransportConfig) -> None:
+    async with MqttAggregator(config) as agg, MqttParticipant(config, "p1") as part:
+        with pytest.raises(PayloadTooLarge):
+            await part.publish_update(b"x" * (LIMIT + 1))
+        with pytest.raises(PayloadTooLarge):
+            await agg.publish_model(b"x" * (LIMIT + 1), version=1)
+        await part.publish_update(b"x" * LIMIT)
+        delivery = await _next(agg.updates())
+        assert delivery.body == b"x" * LIMIT
+        await delivery.ack()
+        assert agg.sessions == 1 and part.sessions == 1
+
+
+async def test_reject_makes_the_reason_visible(config: TransportConfig, mqtt_url: str) -> None:
+    parts = urlsplit(mqtt_url)
+    async with (
+        aiomqtt.Client(parts.hostname or "127.0.0.1", parts.port or 1883) as operator,
+        MqttAggregator(config) as agg,
+        MqttParticipant(config, "p9") as part,
+    ):
+        await operator.subscribe(mqtt_topics(config.job).rejected, qos=1)
+        await part.publish_update(b"bad-update")
+        delivery = await _next(agg.updates())
+        await delivery.reject(RejectedUpdate(Reason.BAD_SIGNATURE, "key p9 unknown"))
+        message = await asyncio.wait_for(anext(operator.messages), 5)
+        record = json.loads(message.payload)
+        assert record == {
+            "reason": "bad_signature",
+            "detail": "key p9 unknown",
+            "participant": "p9",
+            "size": len(b"bad-update"),
+        }
+    # Rejected means settled: nothing comes back.
+    async with MqttAggregator(config) as agg:
+        assert await _nothing_within(agg.updates(), 0.3)
+
+
+# -- a broker of our own, killed and restarted ----------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Mosquitto:
+    """A throwaway Mosquitto with persistence in ``folder``, on its own port."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = _free_port()
+        self.conf = folder / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {folder}/",
+            f"log_dest file {folder}/mosquitto.log",
+        ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else it drops to 'mosquitto', who cannot write here
+        self.conf.write_text("\n".join(lines) + "\n")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(
+            ["mosquitto", "-c", str(self.conf)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            assert self._proc.poll() is None, "mosquitto exited at start"
+            assert time.monotonic() < deadline, "mosquitto did not listen"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """SIGTERM: Mosquitto saves its persistence file on the way out."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def own_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.mark.slow
+async def test_broker_restart_is_survived_by_both_sides(own_mosquitto: Mosquitto, job: str) -> None:
+    config = _config(own_mosquitto.url, job)
+    async with MqttAggregator(config) as agg, MqttParticipant(config, "p1") as part:
+        updates, models = agg.updates(), part.models()
+        await agg.publish_model(b"model-1", version=1)
+        assert await _next(models) == b"model-1"
+
+        await part.publish_update(b"acked")
+        await (await _next(updates)).ack()
+        await part.publish_update(b"in-flight")
+        in_flight = await _next(updates)  # received, not yet applied when the broker dies
+
+        own_mosquitto.stop()
+        async with asyncio.timeout(5):
+            while part.connected or agg.connected:  # noqa: ASYNC110 - a property, no event to await
+                await asyncio.sleep(0.02)
+        during = asyncio.create_task(part.publish_update(b"during"), name="publish-during")
+        await asyncio.sleep(0.3)
+        assert not during.done()  # waits for the broker rather than failing
+        await in_flight.ack()  # its connection is gone: a no-op, the session redelivers it
+        own_mosquitto.start()
+
+        await asyncio.wait_for(during, 15)
+        got: set[bytes] = set()
+        async with asyncio.timeout(15):
+            while got != {b"in-flight", b"during"}:
+                delivery = await anext(updates)
+                got.add(delivery.body)
+                await delivery.ack()
+        assert agg.sessions == 2 and part.sessions == 2
+
+        # The model iterator kept going: the retained model comes again, then the new one.
+        await agg.publish_model(b"model-2", version=2)
+        async with asyncio.timeout(10):
+            while (latest := await anext(models)) != b"model-2":
+                assert latest == b"model-1"
+
+    # Queued for an absent aggregator, across a broker restart (persistent session on disk).
+    async with MqttParticipant(config, "p1") as part:
+        await part.publish_update(b"queued-across-restart")
+    own_mosquitto.stop()
+    own_mosquitto.start()
+    async with MqttAggregator(config) as agg, MqttParticipant(config, "p2") as late:
+        delivery = await _next(agg.updates())
+        assert delivery.body == b"queued-across-restart"
+        await delivery.ack()
+        assert await _next(late.models()) == b"model-2"  # retained model survived too
+
+
+async def test_unreachable_broker_is_broker_unavailable(job: str) -> None:
+    config = _config(f"mqtt://127.0.0.1:{_free_port()}", job, connect_timeout_s=0.5)
+    aggregator = MqttAggregator(config)
+    with pytest.raises(BrokerUnavailable):
+        await aggregator.__aenter__()
+    with pytest.raises(ClosedResourceError):  # a failed open counts as closed
+        await aggregator.__aenter__()
+
+
+async def test_close_ends_a_publish_waiting_for_the_broker(
+    own_mosquitto: Mosquitto, job: str
+) -> None:
+    async with MqttParticipant(_config(own_mosquitto.url, job), "p1") as part:
+        own_mosquitto.stop()
+        async with asyncio.timeout(5):
+            while part.connected:  # noqa: ASYNC110 - a property, no event to await
+                await asyncio.sleep(0.02)
+        pending = asyncio.create_task(part.publish_update(b"never"), name="publish-pending")
+        await asyncio.sleep(0.2)
+        assert not pending.done()
+    with pytest.raises(ClosedResourceError):
+        await pending
