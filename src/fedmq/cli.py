@@ -71,6 +71,14 @@ _STRATEGY = [
     Option("eval_examples", int, 10_000, "test images used for evaluation"),
     Option("prefetch", int, 32, "updates in flight from the broker (back-pressure)"),
 ]
+_DURABILITY = [
+    Option("checkpoint_dir", str, None, "durable aggregator state; resumes from it on start"),
+    Option("checkpoint_every", int, 16, "checkpoint after this many settled updates"),
+    Option("checkpoint_interval", float, 2.0, "... or after this many seconds"),
+    Option("shutdown_timeout", float, 30.0, "seconds allowed for a graceful stop"),
+    Option("allowed_participants", str, None, "comma-separated allow-list of participant ids"),
+    Option("max_update_norm", float, None, "reject updates with a larger L2 norm"),
+]
 _TRAINING = [
     Option("epochs", int, 1, "local epochs per update"),
     Option("batch_size", int, 32, "local batch size"),
@@ -104,7 +112,7 @@ _DEMO = [
 ]
 
 COMMANDS: dict[str, list[Option]] = {
-    "aggregator": [_BROKER, *_COMMON, *_STRATEGY],
+    "aggregator": [_BROKER, *_COMMON, *_STRATEGY, *_DURABILITY],
     "participant": [*_PARTICIPANT, *_COMMON, *_TRAINING],
     "demo": [*_DEMO, *_COMMON, *_STRATEGY, *_TRAINING],
 }
@@ -140,7 +148,21 @@ def strategy_config(v: Values) -> StrategyConfig:
 
 
 def aggregator_config(v: Values) -> AggregatorConfig:
+    allowed = v.get("allowed_participants")
+    checkpoint_dir = v.get("checkpoint_dir")
+    if checkpoint_dir and v.get("checkpoint_every", 16) > v.get("prefetch", 32):
+        raise ConfigError(
+            "checkpoint_every: must be <= prefetch (the broker stops delivering at prefetch)"
+        )
     return AggregatorConfig(
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+        checkpoint_every=v.get("checkpoint_every", 16),
+        checkpoint_interval_s=v.get("checkpoint_interval", 2.0),
+        shutdown_timeout_s=v.get("shutdown_timeout", 30.0),
+        allowed_participants=frozenset(p.strip() for p in allowed.split(",") if p.strip())
+        if allowed
+        else None,
+        max_update_norm=v.get("max_update_norm"),
         model=v["model"],
         seed=v.get("seed", 0),
         strategy=strategy_config(v),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fedmq.errors import ConfigError
 from fedmq.strategies import StrategyConfig
@@ -13,10 +14,16 @@ __all__ = ["AggregatorConfig"]
 
 @dataclass(frozen=True, kw_only=True)
 class AggregatorConfig:
-    """How the aggregator applies, publishes and evaluates.
+    """How the aggregator applies, publishes, evaluates and persists.
 
     ``publish_every``: republish the model every N versions (1 = every apply).
     ``eval_every``: evaluate on the held-out set every M versions (0 = never).
+    ``checkpoint_dir``: where the durable state lives; with it, updates are acked
+    to the broker only once a checkpoint covers them (after ``checkpoint_every``
+    settled updates or ``checkpoint_interval_s`` seconds, whichever comes first).
+    Without it nothing survives a restart and updates are acked at once.
+    ``allowed_participants``: if set, updates from anyone else are rejected.
+    ``max_update_norm``: if set, updates whose L2 norm exceeds it are rejected.
     """
 
     model: str = "cnn-s"
@@ -26,6 +33,12 @@ class AggregatorConfig:
     eval_every: int = 5
     eval_examples: int = 10_000
     limits: WireLimits = field(default_factory=WireLimits)
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 16
+    checkpoint_interval_s: float = 2.0
+    shutdown_timeout_s: float = 30.0
+    allowed_participants: frozenset[str] | None = None
+    max_update_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.model not in ("cnn-s", "mlp"):
@@ -36,3 +49,11 @@ class AggregatorConfig:
             raise ConfigError(f"eval_every: {self.eval_every} must be >= 0 (0 disables)")
         if self.eval_examples < 1:
             raise ConfigError(f"eval_examples: {self.eval_examples} must be >= 1")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every: {self.checkpoint_every} must be >= 1")
+        if not self.checkpoint_interval_s > 0:
+            raise ConfigError(f"checkpoint_interval: {self.checkpoint_interval_s} must be > 0")
+        if not self.shutdown_timeout_s > 0:
+            raise ConfigError(f"shutdown_timeout: {self.shutdown_timeout_s} must be > 0")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            raise ConfigError(f"max_update_norm: {self.max_update_norm} must be > 0")

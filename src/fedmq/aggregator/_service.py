@@ -1,10 +1,17 @@
-"""The aggregator service: consume -> decode -> admit -> strategy -> publish -> ack.
+"""The aggregator service: consume -> decode -> admit -> strategy -> publish -> settle.
 
 Updates are handled one at a time in arrival order, so the model version, the
 per-participant sequence numbers and the strategy state change in one place.
 The CPU work of each step (decoding, the strategy's maths, encoding the model,
-evaluation) runs in worker threads so the event loop keeps serving the broker.
-An update is acked only after it has been applied or rejected.
+evaluation, checkpointing) runs in worker threads so the event loop keeps
+serving the broker.
+
+Exactly-once apply: with a checkpoint directory, an update is settled at the
+broker (acked, or rejected and dead-lettered) only after a durable checkpoint
+covers its effect. A crash before that makes the broker redeliver it to a
+service restored from the previous checkpoint, which did not include it; a
+redelivery of an update the checkpoint did include is refused as a duplicate by
+its (participant, sequence number).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from fedmq._log import log_event
+from fedmq.aggregator._checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._stats import AccuracyPoint, AggregatorStats
 from fedmq.codecs import CodecConfig, encode_params
@@ -72,6 +80,30 @@ class Aggregator:
         self._evaluate = evaluate
         self._eval_task: asyncio.Task[None] | None = None
         self._eval_wanted: int | None = None
+        # Handled but not yet settled at the broker: (delivery, rejection or None, (pid, seq)).
+        self._unsettled: list[tuple[Delivery, Rejection | None, tuple[str, int] | None]] = []
+        self._commit_lock = asyncio.Lock()
+        self.resumed_from: int | None = None
+        if config.checkpoint_dir is not None:
+            checkpoint = load_checkpoint(config.checkpoint_dir)
+            if checkpoint is not None:
+                self._restore(checkpoint)
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        self._version = checkpoint.version
+        self._params = dict(checkpoint.params)
+        self._history = OrderedDict(sorted((v, dict(p)) for v, p in checkpoint.history.items()))
+        self._state = checkpoint.strategy_state
+        self._last_seq = dict(checkpoint.last_seq)
+        counters = checkpoint.counters
+        self.stats.version = self._version
+        self.stats.received = counters.get("received", 0)
+        self.stats.applied = counters.get("applied", 0)
+        self.stats.rejected.update(counters.get("rejected", {}))
+        self.stats.staleness.update({int(k): n for k, n in counters.get("staleness", {}).items()})
+        self.stats.buffered = self._strategy.pending(self._state)
+        self.resumed_from = self._version
+        log_event(_log, "resumed", version=self._version, participants=len(self._last_seq))
 
     @property
     def version(self) -> int:
@@ -82,15 +114,32 @@ class Aggregator:
         return self._params
 
     async def run(self, tg: asyncio.TaskGroup) -> None:
-        """Publish the current model, then apply updates until the transport closes.
+        """Publish the current model, then apply updates until cancelled.
 
-        Evaluations are started as named tasks in ``tg`` (the process's TaskGroup).
+        Evaluations and the checkpoint timer run as named tasks in ``tg`` (the
+        process's TaskGroup). On cancellation (SIGTERM, Ctrl-C) the update in
+        hand is finished, a final checkpoint is written and everything handled
+        is settled at the broker, within ``shutdown_timeout_s``.
         """
         self._tg = tg
         await self._publish()
         self._request_eval()
-        async for delivery in self._transport.updates():
-            await self._handle(delivery)
+        timer = None
+        if self.config.checkpoint_dir is not None:
+            timer = tg.create_task(self._commit_periodically(), name="checkpoint")
+        handling: asyncio.Future[None] | None = None
+        try:
+            async for delivery in self._transport.updates():
+                handling = asyncio.ensure_future(self._handle(delivery))
+                await asyncio.shield(handling)
+        finally:
+            if timer is not None:
+                timer.cancel()
+            async with asyncio.timeout(self.config.shutdown_timeout_s):
+                if handling is not None:
+                    await handling  # finish the apply in hand: never half of one
+                await self._commit()
+            log_event(_log, "stopped", version=self._version)
 
     async def _handle(self, delivery: Delivery) -> None:
         body = delivery.body
@@ -112,7 +161,7 @@ class Aggregator:
                 reason=rejection.reason.value,
                 detail=rejection.detail,
             )
-            await delivery.reject(rejection)
+            await self._settle_later(delivery, rejection, None)
             return
         self._last_seq[update.participant] = update.seq
         self.stats.applied += 1
@@ -131,7 +180,68 @@ class Aggregator:
         )
         if new_params is not None:
             await self._advance(new_params)
-        await delivery.ack()
+        await self._settle_later(delivery, None, (update.participant, update.seq))
+
+    async def _settle_later(
+        self, delivery: Delivery, rejection: Rejection | None, applied: tuple[str, int] | None
+    ) -> None:
+        self._unsettled.append((delivery, rejection, applied))
+        if (
+            self.config.checkpoint_dir is None
+            or len(self._unsettled) >= self.config.checkpoint_every
+        ):
+            await self._commit()
+
+    async def _commit_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.checkpoint_interval_s)
+            if self._unsettled:
+                await self._commit()
+
+    async def _commit(self) -> None:
+        """Checkpoint (if configured), then settle every handled delivery at the broker."""
+        async with self._commit_lock:
+            # Snapshot and take the batch with no await in between: both describe the same state.
+            batch, self._unsettled = self._unsettled, []
+            if not batch:
+                return
+            if self.config.checkpoint_dir is not None:
+                await asyncio.to_thread(
+                    save_checkpoint, self.config.checkpoint_dir, self._snapshot()
+                )
+            applied: dict[str, list[int]] = {}
+            for _, _, entry in batch:
+                if entry is not None:
+                    applied.setdefault(entry[0], []).append(entry[1])
+            # The audit trail of exactly-once apply: these are now durable.
+            log_event(
+                _log,
+                "committed",
+                logging.DEBUG,
+                version=self._version,
+                applied=applied,
+                rejected=sum(1 for _, r, _ in batch if r is not None),
+            )
+            for delivery, rejection, _ in batch:
+                if rejection is None:
+                    await delivery.ack()
+                else:
+                    await delivery.reject(rejection)
+
+    def _snapshot(self) -> Checkpoint:
+        return Checkpoint(
+            version=self._version,
+            params=self._params,
+            history=dict(self._history),
+            strategy_state=self._state,
+            last_seq=dict(self._last_seq),
+            counters={
+                "received": self.stats.received,
+                "applied": self.stats.applied,
+                "rejected": dict(self.stats.rejected),
+                "staleness": {str(k): n for k, n in self.stats.staleness.items()},
+            },
+        )
 
     def _decode(self, body: bytes) -> tuple[UpdateEnvelope, Params]:
         update = decode_update(body, spec=self._spec, limits=self.config.limits)
@@ -140,6 +250,9 @@ class Aggregator:
     def _admit(self, update: UpdateEnvelope, delta: Params, hint: str | None) -> Contribution:
         """Policy checks on a well-formed update; raises RejectedUpdate."""
         pid = update.participant
+        allowed = self.config.allowed_participants
+        if allowed is not None and pid not in allowed:
+            raise RejectedUpdate(Reason.UNKNOWN_PARTICIPANT, f"{pid!r} is not on the allow-list")
         if hint is not None and hint != pid:
             raise RejectedUpdate(
                 Reason.PARTICIPANT_MISMATCH, f"envelope says {pid!r}, routed as {hint!r}"
@@ -156,6 +269,11 @@ class Aggregator:
             raise RejectedUpdate(
                 Reason.TOO_STALE, f"staleness {staleness} > {self._strategy.max_staleness}"
             )
+        bound = self.config.max_update_norm
+        if bound is not None:
+            norm = float(np.sqrt(sum(float(np.vdot(d, d)) for d in delta.values())))
+            if norm > bound:
+                raise RejectedUpdate(Reason.NORM_BOUND, f"L2 norm {norm:.4g} > {bound:.4g}")
         base = None
         if self._strategy.needs_base:
             base = self._history.get(update.base_version)
