@@ -110,7 +110,12 @@ async def run_demo(config: DemoConfig, data_dir: str | None) -> int:
                         connect_participant(config.transport, pid)
                     )
                     device_config = dataclasses.replace(
-                        config.participant, participant_id=pid, state_dir=out / "devices" / pid
+                        config.participant,
+                        participant_id=pid,
+                        state_dir=out / "devices" / pid,
+                        # Synchronous rounds: each device trains once on each round's model.
+                        once_per_version=config.participant.once_per_version
+                        or config.aggregator.strategy.name == "fedavg",
                     )
                     x, y = to_tensors(train, indices)
                     devices.append(Participant(device_config, transport, x, y, train_slots=slots))
