@@ -27,9 +27,21 @@ def table() -> str:
         "| option (`--flag`, `FEDMQ_*`, TOML key) | type | default | commands | meaning |",
         "|---|---|---|---|---|",
     ]
+    defaults: dict[str, dict[str, object]] = {}
+    for command, opts in COMMANDS.items():
+        for option in opts:
+            defaults.setdefault(option.name, {})[command] = option.default
     for name, option in options.items():
         kind = "|".join(option.choices) if option.choices else option.type.__name__
         default = "" if option.default is None else f"`{option.default}`"
+        # A command with its own default says so: "`5` (bench: `1`)".
+        others = [
+            f"{command}: `{value}`" if value is not None else f"{command}: none"
+            for command, value in defaults[name].items()
+            if value != option.default
+        ]
+        if others:
+            default = f"{default} ({', '.join(others)})".strip()
         lines.append(
             f"| `{option.flag}` `{option.env}` `{name}` | {kind} | {default} "
             f"| {', '.join(names[name])} | {option.help} |"

@@ -19,13 +19,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmq.codecs import CodecConfig, encode_tensor
 from fedmq.wire import (
+    ControlEnvelope,
     ModelEnvelope,
+    PrivateKey,
+    Signer,
     UpdateEnvelope,
+    decode_control,
     decode_model,
+    decode_signed,
     decode_update,
+    encode_control,
     encode_model,
     encode_update,
     materialize,
@@ -36,6 +44,8 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "wire-format.md"
 W = np.array([[0.5, -1.0], [2.0, 0.25]], dtype=np.float32)
 B = np.array([1.0, -0.25], dtype=np.float32)
 N = 29_034  # the reference model of the size table
+# The secret key of RFC 8032's first Ed25519 test vector: anyone can redo the signature.
+RFC8032_SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
 
 
 def example_update() -> UpdateEnvelope:
@@ -63,6 +73,22 @@ def example_model() -> ModelEnvelope:
             encode_tensor("w", W, CodecConfig(name="float32")),
             encode_tensor("b", B, CodecConfig(name="float32")),
         ),
+    )
+
+
+def example_signer() -> Signer:
+    """Device ``dev-0001`` of job ``default``, with the RFC 8032 test key."""
+    key = PrivateKey("dev-0001", Ed25519PrivateKey.from_private_bytes(RFC8032_SEED))
+    return Signer(key, "default")
+
+
+def example_control() -> ControlEnvelope:
+    """``fedmq ctl set alpha=0.4 max_staleness=10``, as sent."""
+    return ControlEnvelope(
+        id="3f2a9c01",
+        command="set",
+        values={"alpha": 0.4, "max_staleness": 10},
+        issued=1_700_000_000.0,
     )
 
 
@@ -250,6 +276,37 @@ def _size_table() -> str:
     return "\n".join(rows)
 
 
+def _signed_example(update_bytes: bytes) -> str:
+    signer = example_signer()
+    sealed = signer.seal(update_bytes)
+    dump = _Dump(sealed)
+    kind, n = dump.header()
+    assert kind == "map" and n == 4
+    for _ in range(n):
+        key = dump.string("key")
+        if key == "body":
+            dump.value(lambda d: [(len(d), "the update of section 8.1, byte for byte")])
+        elif key == "sig":
+            dump.value(lambda d: [(32, "Ed25519 signature, R"), (32, "Ed25519 signature, S")])
+        else:
+            dump.value()
+    assert dump.pos == len(sealed)
+    public = signer.key.public.public_bytes(
+        serialization.Encoding.Raw, serialization.PublicFormat.Raw
+    )
+    prefix = b"\0".join((b"fedmq.signed/1", b"default", b"dev-0001", b""))
+    return "\n\n".join(
+        [
+            f"Public key of `dev-0001` (32 raw bytes): `{public.hex()}`.",
+            "The signed message: these "
+            f"{len(prefix)} bytes, then the {len(update_bytes)} bytes of the update:\n\n"
+            f"```text\n{prefix.hex(' ')}\n```",
+            f"Annotated, byte by byte:\n\n```text\n{dump.render()}\n```",
+            _hex_block("The whole signed update", sealed),
+        ]
+    )
+
+
 def render_blocks() -> dict[str, str]:
     """name -> generated markdown, after checking that every example decodes back."""
     update, model = example_update(), example_model()
@@ -258,9 +315,15 @@ def render_blocks() -> dict[str, str]:
     assert decode_update(update_bytes, spec=spec) == update
     assert decode_model(model_bytes, spec=spec) == model
     materialize(update.tensors)
+    sealed = example_signer().seal(update_bytes)
+    assert decode_signed(sealed).body == update_bytes
+    control_bytes = encode_control(example_control())
+    assert decode_control(control_bytes) == example_control()
     return {
         "update-example": _example("The whole update", update_bytes),
         "model-example": _example("The whole model", model_bytes),
+        "signed-example": _signed_example(update_bytes),
+        "control-example": _example("The whole command", control_bytes),
         "sizes": _size_table(),
     }
 

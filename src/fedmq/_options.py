@@ -76,12 +76,15 @@ def add_options(parser: argparse.ArgumentParser, options: Sequence[Option]) -> N
     for option in options:
         default = "" if option.default is None else f" (default: {option.default})"
         choices = f" {{{','.join(option.choices)}}}" if option.choices else ""
+        # A bare boolean flag means true (`fedmq bench --suite`); `--suite false` still works.
+        bare = {"nargs": "?", "const": "true"} if option.type is bool else {}
         parser.add_argument(
             option.flag,
             dest=option.name,
             default=None,
             metavar=option.type.__name__.upper() + choices,
             help=f"{option.help}{default}; env {option.env}",
+            **bare,  # type: ignore[arg-type]
         )
 
 
@@ -120,7 +123,7 @@ def _read_toml(
         document = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"config: cannot read {path}: {error}") from None
-    commands = ("aggregator", "participant", "demo", "bench")
+    commands = ("aggregator", "participant", "demo", "bench", "ctl", "keys")
     merged = {k: v for k, v in document.items() if k not in commands}
     table = document.get(command, {})
     if not isinstance(table, dict):

@@ -3,6 +3,9 @@
     fedmq demo           a whole fleet on one machine (embedded broker by default)
     fedmq aggregator     the aggregator service against a real broker
     fedmq participant    one device against a real broker
+    fedmq bench          fleet time-to-accuracy, codecs, virtual clock, ingest rate
+    fedmq ctl            change a running aggregator's staleness settings (live tuning)
+    fedmq keys           Ed25519 keys for signed updates and models
 
 Every option can come from a TOML file (``--config``), a ``FEDMQ_<NAME>``
 environment variable or a ``--name`` flag, in that order of precedence (flags
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -34,7 +38,7 @@ from fedmq.strategies import (
     StrategyConfig,
 )
 from fedmq.transport import TransportConfig
-from fedmq.wire import WireLimits
+from fedmq.wire import KeyRing, Signer, Verifier, WireLimits
 
 __all__ = ["main"]
 
@@ -111,10 +115,96 @@ _DEMO = [
     Option("out_dir", str, None, "where the report and plot go (default: runs/demo-<time>)"),
 ]
 
+_BENCH = [
+    Option(
+        "broker",
+        str,
+        "amqp://guest:guest@127.0.0.1:5672/",
+        "broker URL (bench: the local RabbitMQ by default)",
+    ),
+    Option("devices", int, 50, "bench: devices in the fleet (N)"),
+    Option("concurrency", int, 10, "bench: devices training at the same time (C)"),
+    Option("target_accuracy", float, 0.80, "stop when the test accuracy reaches this"),
+    Option("max_seconds", float, 600.0, "stop after this many seconds regardless"),
+    Option("mean_online", float, 60.0, "bench: mean online period of a device (s, exponential)"),
+    Option("mean_offline", float, 20.0, "bench: mean offline period of a device (s, exponential)"),
+    Option("delay_unit", float, 2.0, "bench: device i publishes speed_i x this (s) after training"),
+    Option("speed_sigma", float, 1.0, "bench: sigma of the log-normal device speed factors"),
+    Option(
+        "downlink_codec",
+        str,
+        "int4",
+        "models to devices as deltas coded so (none: full float32 every time)",
+        ("none", "float16", "int8", "int4"),
+    ),
+    Option("keyframe_every", int, 20, "a full float32 model at least every N versions"),
+    Option("suite", bool, False, "bench: the protocol's matrix (7 configurations)"),
+    Option("virtual", bool, False, "bench: simulated time, no broker, no sleeps"),
+    Option("throughput", bool, False, "bench: aggregator ingest rate vs a bare consumer"),
+    Option("out_dir", str, None, "where the report and plots go (default: runs/<command>-<time>)"),
+]
+
+_ID = next(option for option in _PARTICIPANT if option.name == "id")
+_KEYS_DIR = Option(
+    "keys_dir", str, None, "device public keys, <key_id>.pub (aggregator: require signed updates)"
+)
+_SIGNING_KEY = Option(
+    "signing_key", str, None, "this process's Ed25519 private key: signs what it sends"
+)
+_AGGREGATOR_OPS = [
+    _KEYS_DIR,
+    _SIGNING_KEY,
+    Option("control_publisher", str, None, "AMQP: take control commands only from this user"),
+    Option("metrics_port", int, 0, "Prometheus metrics on this port (0: off)"),
+    Option("metrics_host", str, "0.0.0.0", "address the metrics endpoint listens on"),
+    Option("active_window", float, 60.0, "metrics: seconds a device stays active after an update"),
+]
+_PARTICIPANT_OPS = [
+    _SIGNING_KEY,
+    Option("aggregator_key", str, None, "aggregator public key (file or folder): verify models"),
+]
+_LOGGING = [option for option in _COMMON if option.name in ("log_level", "log_format")]
+_CTL = [_BROKER, *(option for option in _COMMON if option.name == "job"), *_LOGGING]
+_KEYS = [
+    _ID,
+    Option("out", str, None, "keys create: folder for the new <id>.key and <id>.pub"),
+    Option("pub", str, None, "keys register: the device's public key file"),
+    _KEYS_DIR,
+    *_LOGGING,
+]
+# Commands made of actions (`fedmq ctl set`): action -> (help, positional arguments).
+# Positional arguments are not configuration: never read from TOML or the environment.
+_Action = tuple[str, list[tuple[str, dict[str, Any]]]]
+_ACTIONS: dict[str, dict[str, _Action]] = {
+    "ctl": {
+        "set": (
+            "change settings of the running aggregator: alpha, staleness, staleness_a, "
+            "staleness_b, max_staleness, buffer_size, server_lr, clients_per_round "
+            "(docs/tuning.md)",
+            [("assignments", {"nargs": "+", "metavar": "NAME=VALUE"})],
+        ),
+        "reset": ("back to the settings the aggregator was started with", []),
+    },
+    "keys": {
+        "create": ("a new key pair: --id ID --out DIR writes ID.key (0600) and ID.pub", []),
+        "register": ("add a public key to a registry: --id ID --pub FILE --keys-dir DIR", []),
+        "list": ("the keys of a registry: --keys-dir DIR", []),
+    },
+}
+
 COMMANDS: dict[str, list[Option]] = {
-    "aggregator": [_BROKER, *_COMMON, *_STRATEGY, *_DURABILITY],
-    "participant": [*_PARTICIPANT, *_COMMON, *_TRAINING],
+    "aggregator": [_BROKER, *_COMMON, *_STRATEGY, *_DURABILITY, *_AGGREGATOR_OPS],
+    "participant": [*_PARTICIPANT, *_COMMON, *_TRAINING, *_PARTICIPANT_OPS],
     "demo": [*_DEMO, *_COMMON, *_STRATEGY, *_TRAINING],
+    "bench": [
+        *_BENCH,
+        *_COMMON,
+        # Every version is evaluated (latest wins): a sync round is one version.
+        *(o if o.name != "eval_every" else dataclasses.replace(o, default=1) for o in _STRATEGY),
+        *_TRAINING,
+    ],
+    "ctl": _CTL,
+    "keys": _KEYS,
 }
 
 
@@ -128,6 +218,7 @@ def transport_config(v: Values) -> TransportConfig:
         job=v["job"],
         max_message_bytes=v["max_message_bytes"],
         prefetch=v.get("prefetch", 32),
+        control_publisher=v.get("control_publisher"),
     )
 
 
@@ -170,7 +261,17 @@ def aggregator_config(v: Values) -> AggregatorConfig:
         eval_every=v["eval_every"],
         eval_examples=v["eval_examples"],
         limits=WireLimits(max_message_bytes=v["max_message_bytes"]),
+        update_verifier=_verifier(v.get("keys_dir"), v["job"]),
+        model_signer=_signer(v.get("signing_key"), v["job"]),
     )
+
+
+def _verifier(path: str | None, job: str) -> Verifier | None:
+    return Verifier(KeyRing(Path(path)), job) if path else None
+
+
+def _signer(path: str | None, job: str) -> Signer | None:
+    return Signer.from_file(Path(path), job) if path else None
 
 
 def codec_config(v: Values) -> CodecConfig:
@@ -197,6 +298,8 @@ def participant_config(v: Values, participant_id: str, state_dir: Path) -> Parti
         once_per_version=v.get("once_per_version", False),
         publish_delay_s=v.get("publish_delay", 0.0),
         limits=WireLimits(max_message_bytes=v["max_message_bytes"]),
+        update_signer=_signer(v.get("signing_key"), v["job"]),
+        model_verifier=_verifier(v.get("aggregator_key"), v["job"]),
     )
 
 
@@ -218,14 +321,34 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo": "a whole fleet on one machine: aggregator + devices, live progress",
         "aggregator": "run the aggregator service",
         "participant": "run one device",
+        "ctl": "live tuning: `ctl set NAME=VALUE...` or `ctl reset` on a running aggregator",
+        "keys": "signing keys: `keys create`, `keys register`, `keys list`",
+        "bench": "fleet time-to-accuracy (BENCHMARK.md); --suite, --virtual, --throughput",
     }
     for name, options in COMMANDS.items():
         sub = commands.add_parser(name, help=helps[name], description=helps[name])
+        if name in _ACTIONS:  # `fedmq ctl set ...`: the options belong to the action
+            _add_actions(sub, options, _ACTIONS[name])
+            continue
         sub.add_argument(
             "--config", "-c", type=Path, default=None, help="TOML file; env FEDMQ_CONFIG"
         )
         add_options(sub, options)
     return parser
+
+
+def _add_actions(
+    parser: argparse.ArgumentParser, options: list[Option], actions: dict[str, _Action]
+) -> None:
+    nested = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, (help_text, positionals) in actions.items():
+        leaf = nested.add_parser(action, help=help_text, description=help_text)
+        leaf.add_argument(
+            "--config", "-c", type=Path, default=None, help="TOML file; env FEDMQ_CONFIG"
+        )
+        add_options(leaf, options)
+        for argument, kwargs in positionals:
+            leaf.add_argument(argument, **kwargs)
 
 
 def _run(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -255,6 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         values = resolve_options(
             args.command, options, args, config_file=config_file, every_name=every
         )
+        if args.command in _ACTIONS:
+            values.update(action=args.action, assignments=getattr(args, "assignments", []))
         configure_logging(level=values["log_level"], json_format=values["log_format"] == "json")
         runner: Callable[[Values], Coroutine[Any, Any, int]] = _RUNNERS[args.command]
         return _run(runner(values))
@@ -264,9 +389,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _aggregator(v: Values) -> int:
+    from fedmq.aggregator import MetricsConfig
     from fedmq.aggregator.main import run_aggregator
 
-    return await run_aggregator(aggregator_config(v), transport_config(v), v["data_dir"])
+    metrics = MetricsConfig(
+        port=v["metrics_port"], host=v["metrics_host"], active_window_s=v["active_window"]
+    )
+    return await run_aggregator(
+        aggregator_config(v), transport_config(v), v["data_dir"], metrics=metrics
+    )
 
 
 async def _participant(v: Values) -> int:
@@ -305,7 +436,65 @@ async def _demo(v: Values) -> int:
     return await run_demo(config, v["data_dir"])
 
 
-_RUNNERS = {"aggregator": _aggregator, "participant": _participant, "demo": _demo}
+async def _bench(v: Values) -> int:
+    from fedmq.sim.cli_bench import run_bench_command
+
+    return await run_bench_command(v, _bench_parts(v))
+
+
+def _bench_parts(v: Values) -> dict[str, Any]:
+    """The configuration objects of ``fedmq bench``, built here like every command's."""
+    from fedmq.aggregator import DownlinkConfig
+    from fedmq.sim._fleet import FleetProtocol
+
+    protocol = FleetProtocol(
+        participants=v["devices"],
+        dirichlet_alpha=v["dirichlet_alpha"],
+        seed=v["seed"],
+        speed_sigma=v["speed_sigma"],
+        delay_unit_s=v["delay_unit"],
+        mean_online_s=v["mean_online"],
+        mean_offline_s=v["mean_offline"],
+        concurrency=v["concurrency"],
+        target_accuracy=v["target_accuracy"],
+        max_seconds=v["max_seconds"],
+    )
+    downlink = DownlinkConfig(
+        codec=None
+        if v["downlink_codec"] == "none"
+        else CodecConfig(name=v["downlink_codec"], block_size=v["block_size"]),
+        keyframe_every=v["keyframe_every"],
+    )
+    aggregator = dataclasses.replace(aggregator_config(v), downlink=downlink)
+    return {
+        "protocol": protocol,
+        "aggregator": aggregator,
+        "transport": transport_config(v),
+        "participant": participant_config(v, "template", Path(".")),
+    }
+
+
+async def _ctl(v: Values) -> int:
+    from fedmq.admin import ctl
+
+    config = transport_config({**v, "max_message_bytes": 64 * 1024 * 1024})
+    return await ctl(config, v["action"], v["assignments"])
+
+
+async def _keys(v: Values) -> int:
+    from fedmq.admin import keys
+
+    return keys(v["action"], key_id=v["id"], out=v["out"], pub=v["pub"], keys_dir=v["keys_dir"])
+
+
+_RUNNERS = {
+    "aggregator": _aggregator,
+    "participant": _participant,
+    "demo": _demo,
+    "bench": _bench,
+    "ctl": _ctl,
+    "keys": _keys,
+}
 
 
 if __name__ == "__main__":

@@ -55,7 +55,9 @@ class Reason(enum.StrEnum):
     UNKNOWN_PARTICIPANT = "unknown_participant"
     PARTICIPANT_MISMATCH = "participant_mismatch"  # envelope id differs from the topic / key
     NORM_BOUND = "norm_bound"
-    BAD_SIGNATURE = "bad_signature"
+    BAD_SIGNATURE = "bad_signature"  # does not verify (tampered, wrong key, malformed sig)
+    UNSIGNED = "unsigned"  # keys are configured, and the message is not signed
+    UNKNOWN_KEY = "unknown_key"  # signed by a key id the registry does not hold
 
 
 class FedmqError(Exception):

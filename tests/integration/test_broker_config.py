@@ -538,6 +538,39 @@ async def test_definitions_match_the_transport_declarations(rabbit: RabbitNode) 
 
 
 @pytest.mark.amqp
+async def test_amqp_control_commands_are_taken_from_the_operator_only(
+    rabbit: RabbitNode, job: str
+) -> None:
+    """``fedmq.<job>.control``: the aggregator and the operator may declare it, only the
+    aggregator may read it. Any user can write it through the default exchange (the known
+    limit above), so the aggregator keeps only commands whose broker-verified user_id is
+    ``control_publisher``."""
+    from fedmq.transport import TransportConfig, connect_aggregator, send_control
+
+    def config(user: str, **extra: Any) -> TransportConfig:
+        return TransportConfig(url=amqp_url(rabbit, user), job=job, **extra)
+
+    async with connect_aggregator(config("aggregator", control_publisher="operator")) as agg:
+        await send_control(config("dev-01"), b"forged")  # passive declare, default exchange
+        await send_control(config("operator"), b"from-operator")
+        async with asyncio.timeout(10):
+            received = await anext(aiter(agg.controls()))
+        assert received == b"from-operator"  # the device's came first, and was dropped
+    async with await aio_pika.connect(amqp_url(rabbit, "dev-01")) as device:
+        channel = await device.channel()
+        queue = await channel.declare_queue(f"fedmq.{job}.control", passive=True)
+        async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            pass
+
+        with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+            await queue.consume(ignore)
+    async with await aio_pika.connect(amqp_url(rabbit, "aggregator")) as aggregator:
+        channel = await aggregator.channel()
+        for suffix in ("updates", "rejected", "models", "control"):
+            await channel.queue_delete(f"fedmq.{job}.{suffix}")
+
+
+@pytest.mark.amqp
 async def test_messages_over_max_message_size_are_refused(rabbit: RabbitNode) -> None:
     limit = 64 * 1024 * 1024  # TransportConfig.max_message_bytes
     async with await aio_pika.connect(amqp_url(rabbit, "aggregator")) as aggregator:

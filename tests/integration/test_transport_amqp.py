@@ -63,7 +63,7 @@ async def config(amqp_url: str, job: str) -> AsyncIterator[TransportConfig]:
 async def _delete_queues(url: str, job: str) -> None:
     names = amqp_names(job)
     async with await aio_pika.connect(url) as connection:
-        for name in (names.updates, names.rejected, names.models):
+        for name in (names.updates, names.rejected, names.models, names.control):
             channel = await connection.channel()
             with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
                 await channel.queue_delete(name)

@@ -1,4 +1,5 @@
-"""Property tests: whatever the bytes, the decoders raise WireError and nothing else, fast.
+"""Property tests: whatever the bytes, the decoders raise WireError and nothing else, fast,
+and within bounded memory.
 
 The long-running version of the same idea is ``python -m fedmq.wire.fuzz --seconds 60``.
 """
@@ -6,6 +7,7 @@ The long-running version of the same idea is ``python -m fedmq.wire.fuzz --secon
 from __future__ import annotations
 
 import random
+import tracemalloc
 from datetime import timedelta
 from typing import Any
 
@@ -115,3 +117,72 @@ def test_long_fuzz_entry_point_runs_and_reports(capsys: pytest.CaptureFixture[st
     assert fuzz.main(["--seconds", "0.3", "--seed", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("tried ") and "undecodable" in out
+
+
+# -- never allocate without bound ---------------------------------------------------------
+#
+# Whatever sizes a message claims (shapes, top-k counts, msgpack lengths), decoding it must
+# allocate in proportion to its real size and to the limits, never to the claim. fuzz.LIMITS
+# allow 4 KiB messages and 4096 decoded elements (16 KiB); decoding takes a few KiB. A
+# decoder that trusted a claimed 2**32 would need gigabytes (or raise MemoryError, which
+# fuzz.check lets through as a failure too).
+
+MEMORY_BOUND = 256 * 1024
+CLAIMS = (2**16, 2**20, 2**31 - 1, 2**32, 2**63 - 1)
+HUGE_HEADERS = (
+    b"\xdd\xff\xff\xff\xff",  # array 32 of 4 Gi items
+    b"\xdf\xff\xff\xff\xff",  # map 32 of 4 Gi pairs
+    b"\xc6\xff\xff\xff\xff",  # bin 32 of 4 GiB
+    b"\xdb\xff\xff\xff\xff",  # str 32 of 4 GiB
+    b"\xc9\xff\xff\xff\xff\x01",  # ext 32 of 4 GiB
+)
+
+
+def _peak_bytes(data: bytes) -> int:
+    """The most memory allocated at once while ``data`` is decoded both ways.
+
+    tracemalloc sees Python objects, msgpack's buffers and numpy's arrays. Build the input
+    before calling: only the decoding is measured.
+    """
+    tracemalloc.start()
+    try:
+        fuzz.check(data)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+@FAST
+@given(st.randoms(use_true_random=False))
+def test_mutated_envelopes_allocate_within_bound(rnd: random.Random) -> None:
+    data = fuzz.mutate(rnd, SEEDS)
+    assert _peak_bytes(data) < MEMORY_BOUND
+
+
+@FAST
+@given(
+    st.sampled_from(SEEDS),
+    st.sampled_from(CLAIMS),
+    st.sampled_from(["shape", "square", "k", "empty data"]),
+)
+def test_claimed_sizes_allocate_within_bound(seed: bytes, claim: int, where: str) -> None:
+    envelope = msgpack.unpackb(seed, raw=False)
+    for tensor in envelope["tensors"]:
+        if where == "shape":
+            tensor["shape"] = [claim]
+        elif where == "square":
+            tensor["shape"] = [claim, claim]
+        elif where == "k" and "k" in tensor["params"]:
+            tensor["params"]["k"] = claim
+        else:  # a huge tensor that claims its values need no bytes (k=0 top-k, empty data)
+            tensor["shape"] = [claim]
+            tensor["data"] = b""
+            if "k" in tensor["params"]:
+                tensor["params"]["k"] = 0
+    assert _peak_bytes(msgpack.packb(envelope, use_bin_type=True)) < MEMORY_BOUND
+
+
+@pytest.mark.parametrize("header", HUGE_HEADERS, ids=lambda h: h[:1].hex())
+def test_huge_msgpack_lengths_allocate_within_bound(header: bytes) -> None:
+    for data in (header, header + b"\x00" * 64, SEEDS[0][:40] + header):
+        assert _peak_bytes(data) < MEMORY_BOUND

@@ -1,8 +1,21 @@
 """The aggregator service: consume updates, apply a strategy, republish the model."""
 
 from fedmq.aggregator._config import AggregatorConfig
+from fedmq.aggregator._downlink import Downlink, DownlinkConfig
 from fedmq.aggregator._evaluator import Evaluator
+from fedmq.aggregator._metrics import AggregatorCollector, MetricsConfig, MetricsServer
 from fedmq.aggregator._service import Aggregator
 from fedmq.aggregator._stats import AccuracyPoint, AggregatorStats
 
-__all__ = ["AccuracyPoint", "Aggregator", "AggregatorConfig", "AggregatorStats", "Evaluator"]
+__all__ = [
+    "AccuracyPoint",
+    "Aggregator",
+    "AggregatorCollector",
+    "AggregatorConfig",
+    "AggregatorStats",
+    "Downlink",
+    "DownlinkConfig",
+    "Evaluator",
+    "MetricsConfig",
+    "MetricsServer",
+]

@@ -4,7 +4,8 @@ A checkpoint holds everything needed to carry on as if nothing happened: the
 model and its version, the published versions a participant may still train
 from, the strategy state (FedBuff buffer, server optimizer moments, a FedAvg
 round in progress), each participant's highest applied sequence number, the
-counters, and the strategy configuration in force (it can be changed live).
+counters, and the strategy configuration an operator put in force live, if any
+(``fedmq ctl``; it wins over the command line on restore, see _tuning.py).
 
 Format: a msgpack map (``schema: "fedmq.checkpoint/1"``); arrays as an ext
 type holding dtype, shape and the raw little-endian bytes; strategy state
@@ -49,7 +50,8 @@ class Checkpoint:
     strategy_state: object
     last_seq: Mapping[str, int]
     counters: Mapping[str, Any] = field(default_factory=dict)
-    strategy: Mapping[str, Any] = field(default_factory=dict)  # dataclasses.asdict(StrategyConfig)
+    # dataclasses.asdict(StrategyConfig) once tuned live (fedmq ctl); {} otherwise
+    strategy: Mapping[str, Any] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
 
 

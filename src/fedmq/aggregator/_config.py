@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedmq.aggregator._downlink import DownlinkConfig
 from fedmq.errors import ConfigError
 from fedmq.strategies import StrategyConfig
-from fedmq.wire import WireLimits
+from fedmq.wire import Signer, Verifier, WireLimits
 
 __all__ = ["AggregatorConfig"]
 
@@ -24,6 +25,9 @@ class AggregatorConfig:
     Without it nothing survives a restart and updates are acked at once.
     ``allowed_participants``: if set, updates from anyone else are rejected.
     ``max_update_norm``: if set, updates whose L2 norm exceeds it are rejected.
+    ``downlink``: models in full float32 (the default) or as compressed deltas.
+    ``update_verifier``: if set, only updates signed by a registered device key are
+    applied (``fedmq.signed/1``); ``model_signer``: if set, every model is signed.
     """
 
     model: str = "cnn-s"
@@ -39,6 +43,9 @@ class AggregatorConfig:
     shutdown_timeout_s: float = 30.0
     allowed_participants: frozenset[str] | None = None
     max_update_norm: float | None = None
+    downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
+    update_verifier: Verifier | None = None
+    model_signer: Signer | None = None
 
     def __post_init__(self) -> None:
         if self.model not in ("cnn-s", "mlp"):

@@ -17,6 +17,7 @@ its (participant, sequence number).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -27,17 +28,26 @@ import numpy as np
 from fedmq._log import log_event
 from fedmq.aggregator._checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedmq.aggregator._config import AggregatorConfig
+from fedmq.aggregator._downlink import Downlink
 from fedmq.aggregator._stats import AccuracyPoint, AggregatorStats
+from fedmq.aggregator._tuning import (
+    changes,
+    flush_due,
+    retuned,
+    serve_controls,
+    strategy_from_dict,
+    strategy_to_dict,
+)
 from fedmq.codecs import CodecConfig, encode_params
 from fedmq.errors import Reason, RejectedUpdate, Rejection
-from fedmq.strategies import Contribution, make_strategy
+from fedmq.strategies import Contribution, StrategyConfig, make_strategy
 from fedmq.transport import AggregatorTransport, Delivery
 from fedmq.wire import (
     ModelEnvelope,
     UpdateEnvelope,
-    decode_update,
     encode_model,
     materialize,
+    open_update,
     tensor_spec_of,
 )
 
@@ -70,11 +80,18 @@ class Aggregator:
         self._transport = transport
         self._strategy = make_strategy(config.strategy)
         self._state = self._strategy.init_state()
+        # Live tuning (_tuning.py): the strategy configuration started with, and the one
+        # an operator put in force since (checkpointed; it wins over the command line).
+        self._initial_strategy = config.strategy
+        self._tuned: StrategyConfig | None = None
         self._params: Params = {k: np.array(v, dtype=np.float32) for k, v in initial.items()}
         self._spec = tensor_spec_of(self._params)
         self._version = 0
-        # Published versions a participant may still be training from (FedAsync
-        # needs the base model to form x_local = base + delta).
+        self._downlink = Downlink(config.downlink, _encode_model)
+        # A synchronous round closed from outside: (version, participants in it).
+        self._round: tuple[int, int] | None = None
+        # Published versions a participant may still be training from, as devices hold
+        # them (the downlink view): FedAsync needs the base to form x_local = base + delta.
         self._history: OrderedDict[int, Params] = OrderedDict()
         self._last_seq: dict[str, int] = {}
         self._evaluate = evaluate
@@ -83,6 +100,11 @@ class Aggregator:
         # Handled but not yet settled at the broker: (delivery, rejection or None, (pid, seq)).
         self._unsettled: list[tuple[Delivery, Rejection | None, tuple[str, int] | None]] = []
         self._commit_lock = asyncio.Lock()
+        # Held while one update is applied: a timer checkpoint never snapshots half of one.
+        self._apply_lock = asyncio.Lock()
+        # Checkpoints written so far, carried across restarts: numbers the audit trail.
+        self._commits = 0
+        self._last_applied: dict[str, list[int]] = {}
         self.resumed_from: int | None = None
         if config.checkpoint_dir is not None:
             checkpoint = load_checkpoint(config.checkpoint_dir)
@@ -90,6 +112,12 @@ class Aggregator:
                 self._restore(checkpoint)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
+        if checkpoint.strategy:
+            self._tuned = strategy_from_dict(checkpoint.strategy)
+            self.config = dataclasses.replace(self.config, strategy=self._tuned)
+            self._strategy = make_strategy(self._tuned)
+            diff = changes(self._initial_strategy, self._tuned)
+            log_event(_log, "tuning_restored", changes={k: list(v) for k, v in diff.items()})
         self._version = checkpoint.version
         self._params = dict(checkpoint.params)
         self._history = OrderedDict(sorted((v, dict(p)) for v, p in checkpoint.history.items()))
@@ -103,7 +131,17 @@ class Aggregator:
         self.stats.staleness.update({int(k): n for k, n in counters.get("staleness", {}).items()})
         self.stats.buffered = self._strategy.pending(self._state)
         self.resumed_from = self._version
-        log_event(_log, "resumed", version=self._version, participants=len(self._last_seq))
+        self._commits = counters.get("commits", 0)
+        # The applies of the checkpoint resumed from: its "committed" line may have been
+        # lost if the process died right after writing it, so say them again.
+        log_event(
+            _log,
+            "resumed",
+            version=self._version,
+            participants=len(self._last_seq),
+            commit=self._commits,
+            last_applied={p: list(s) for p, s in counters.get("last_applied", {}).items()},
+        )
 
     @property
     def version(self) -> int:
@@ -112,6 +150,11 @@ class Aggregator:
     @property
     def params(self) -> Params:
         return self._params
+
+    @property
+    def downlink(self) -> Downlink:
+        """How models go out (keyframe and delta counts)."""
+        return self._downlink
 
     async def run(self, tg: asyncio.TaskGroup) -> None:
         """Publish the current model, then apply updates until cancelled.
@@ -127,12 +170,14 @@ class Aggregator:
         timer = None
         if self.config.checkpoint_dir is not None:
             timer = tg.create_task(self._commit_periodically(), name="checkpoint")
+        control = tg.create_task(serve_controls(self, self._transport.controls()), name="control")
         handling: asyncio.Future[None] | None = None
         try:
             async for delivery in self._transport.updates():
                 handling = asyncio.ensure_future(self._handle(delivery))
                 await asyncio.shield(handling)
         finally:
+            control.cancel()
             if timer is not None:
                 timer.cancel()
             async with asyncio.timeout(self.config.shutdown_timeout_s):
@@ -142,15 +187,24 @@ class Aggregator:
             log_event(_log, "stopped", version=self._version)
 
     async def _handle(self, delivery: Delivery) -> None:
+        async with self._apply_lock:
+            await self._apply(delivery)
+
+    async def _apply(self, delivery: Delivery) -> None:
+        started = time.perf_counter()
         body = delivery.body
         self.stats.received += 1
         self.stats.bytes_in += len(body)
+        seq = None  # known once the envelope decoded: the rejection record names it
         try:
             update, delta = await asyncio.to_thread(self._decode, body)
+            seq = update.seq
             contribution = self._admit(update, delta, delivery.participant_hint)
             new_params, self._state = await asyncio.to_thread(
                 self._strategy.step, self._params, self._state, contribution
             )
+            if new_params is None and self._round_due():
+                new_params, self._state = self._strategy.flush(self._params, self._state)
         except Rejection as rejection:
             self.stats.rejected[rejection.reason.value] += 1
             log_event(
@@ -158,6 +212,7 @@ class Aggregator:
                 "rejected",
                 logging.WARNING,
                 participant=delivery.participant_hint,
+                seq=seq,
                 reason=rejection.reason.value,
                 detail=rejection.detail,
             )
@@ -167,6 +222,7 @@ class Aggregator:
         self.stats.applied += 1
         self.stats.staleness[contribution.staleness] += 1
         self.stats.participants.add(update.participant)
+        self.stats.last_seen[update.participant] = time.monotonic()
         self.stats.buffered = self._strategy.pending(self._state)
         log_event(
             _log,
@@ -180,7 +236,45 @@ class Aggregator:
         )
         if new_params is not None:
             await self._advance(new_params)
+        self.stats.apply_seconds.observe(time.perf_counter() - started)
         await self._settle_later(delivery, None, (update.participant, update.seq))
+
+    async def retune(self, strategy: StrategyConfig | None) -> None:
+        """Put ``strategy`` in force between two updates (None: the one started with).
+
+        Live tuning (aggregator/_tuning.py): ConfigError if it changes the strategy
+        itself. A buffer already as full as a new, smaller size is flushed at once
+        (a new version); with a checkpoint directory the change is durable on return.
+        """
+        async with self._apply_lock:
+            self.config = retuned(self.config, strategy or self._initial_strategy)
+            self._tuned = strategy
+            self._strategy = make_strategy(self.config.strategy)
+            if flush_due(self.config.strategy, self._strategy.pending(self._state)):
+                new_params, self._state = await asyncio.to_thread(
+                    self._strategy.flush, self._params, self._state
+                )
+                self.stats.buffered = self._strategy.pending(self._state)
+                if new_params is not None:
+                    await self._advance(new_params)
+            if self.config.checkpoint_dir is not None:
+                await asyncio.shield(self._commit(force=True))
+
+    def set_round(self, version: int, size: int) -> None:
+        """A synchronous round on model ``version`` has ``size`` participants.
+
+        For sync FedAvg driven from outside (``fedmq bench``): when fewer than
+        ``clients_per_round`` participants are online, the round closes (via
+        ``Strategy.flush``) as soon as ``size`` contributions arrived.
+        """
+        self._round = (version, size)
+
+    def _round_due(self) -> bool:
+        return (
+            self._round is not None
+            and self._round[0] == self._version
+            and self._strategy.pending(self._state) >= self._round[1]
+        )
 
     async def _settle_later(
         self, delivery: Delivery, rejection: Rejection | None, applied: tuple[str, int] | None
@@ -195,30 +289,40 @@ class Aggregator:
     async def _commit_periodically(self) -> None:
         while True:
             await asyncio.sleep(self.config.checkpoint_interval_s)
-            if self._unsettled:
-                await self._commit()
+            async with self._apply_lock:
+                if self._unsettled:
+                    # Shielded: a batch once taken is checkpointed, logged and settled even
+                    # if a stop cancels this timer meanwhile.
+                    await asyncio.shield(self._commit())
 
-    async def _commit(self) -> None:
-        """Checkpoint (if configured), then settle every handled delivery at the broker."""
+    async def _commit(self, *, force: bool = False) -> None:
+        """Checkpoint (if configured), then settle every handled delivery at the broker.
+
+        ``force``: checkpoint even with nothing to settle (a live tuning change).
+        """
         async with self._commit_lock:
             # Snapshot and take the batch with no await in between: both describe the same state.
             batch, self._unsettled = self._unsettled, []
-            if not batch:
+            if not batch and not force:
                 return
-            if self.config.checkpoint_dir is not None:
-                await asyncio.to_thread(
-                    save_checkpoint, self.config.checkpoint_dir, self._snapshot()
-                )
             applied: dict[str, list[int]] = {}
             for _, _, entry in batch:
                 if entry is not None:
                     applied.setdefault(entry[0], []).append(entry[1])
+            self._commits += 1
+            self._last_applied = applied
+            version = self._version
+            if self.config.checkpoint_dir is not None:
+                await asyncio.to_thread(
+                    save_checkpoint, self.config.checkpoint_dir, self._snapshot()
+                )
             # The audit trail of exactly-once apply: these are now durable.
             log_event(
                 _log,
                 "committed",
                 logging.DEBUG,
-                version=self._version,
+                commit=self._commits,
+                version=version,
                 applied=applied,
                 rejected=sum(1 for _, r, _ in batch if r is not None),
             )
@@ -240,11 +344,16 @@ class Aggregator:
                 "applied": self.stats.applied,
                 "rejected": dict(self.stats.rejected),
                 "staleness": {str(k): n for k, n in self.stats.staleness.items()},
+                "commits": self._commits,
+                "last_applied": self._last_applied,
             },
+            strategy=strategy_to_dict(self._tuned) if self._tuned is not None else {},
         )
 
     def _decode(self, body: bytes) -> tuple[UpdateEnvelope, Params]:
-        update = decode_update(body, spec=self._spec, limits=self.config.limits)
+        update = open_update(
+            body, spec=self._spec, limits=self.config.limits, verifier=self.config.update_verifier
+        )
         return update, materialize(update.tensors)
 
     def _admit(self, update: UpdateEnvelope, delta: Params, hint: str | None) -> Contribution:
@@ -296,9 +405,14 @@ class Aggregator:
 
     async def _publish(self) -> None:
         version, params = self._version, self._params
-        body = await asyncio.to_thread(_encode_model, version, params)
-        await self._transport.publish_model(body, version=version)
-        self._history[version] = params
+        body, view, keyframe = await asyncio.to_thread(self._downlink.encode, version, params)
+        if self.config.model_signer is not None:
+            body = await asyncio.to_thread(self.config.model_signer.seal, body)
+        if keyframe:
+            await self._transport.publish_model(body, version=version)
+        else:  # a delta: not the model kept for late joiners (MQTT retained)
+            await self._transport.publish_model(body, version=version, keyframe=False)
+        self._history[version] = view
         while self._history and next(iter(self._history)) < version - self._strategy.max_staleness:
             self._history.popitem(last=False)
         self.stats.models_published += 1
@@ -317,6 +431,7 @@ class Aggregator:
         assert self._evaluate is not None
         while self._eval_wanted is not None:
             version, params, applied = self._version, self._params, self.stats.applied
+            bytes_in, bytes_out = self.stats.bytes_in, self.stats.bytes_out
             self._eval_wanted = None
             accuracy, loss = await asyncio.to_thread(self._evaluate, params)
             point = AccuracyPoint(
@@ -325,6 +440,8 @@ class Aggregator:
                 applied=applied,
                 accuracy=accuracy,
                 loss=loss,
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
             )
             self.stats.accuracy.append(point)
             log_event(_log, "evaluated", version=version, accuracy=round(accuracy, 4))

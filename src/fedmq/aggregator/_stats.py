@@ -6,18 +6,26 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from fedmq.aggregator._histogram import Histogram
+
 __all__ = ["AccuracyPoint", "AggregatorStats"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class AccuracyPoint:
-    """One evaluation of the global model on the held-out set."""
+    """One evaluation of the global model on the held-out set.
+
+    ``bytes_in`` / ``bytes_out``: update bytes received and model bytes published
+    when the evaluated version was taken.
+    """
 
     elapsed_s: float
     version: int
     applied: int
     accuracy: float
     loss: float
+    bytes_in: int = 0
+    bytes_out: int = 0
 
 
 @dataclass(kw_only=True)
@@ -36,6 +44,10 @@ class AggregatorStats:
     buffered: int = 0
     participants: set[str] = field(default_factory=set)
     accuracy: list[AccuracyPoint] = field(default_factory=list)
+    # For the metrics endpoint (aggregator/_metrics.py), read at scrape time:
+    apply_seconds: Histogram = field(default_factory=Histogram)  # of applied updates
+    last_seen: dict[str, float] = field(default_factory=dict)  # participant -> monotonic
+    controls: Counter[str] = field(default_factory=Counter)  # "applied" / "rejected"
 
     @property
     def elapsed_s(self) -> float:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedmq.codecs import CodecConfig
 from fedmq.errors import ConfigError
-from fedmq.wire import WireLimits
+from fedmq.wire import Signer, Verifier, WireLimits, key_owner
 
 __all__ = ["ParticipantConfig"]
 
@@ -22,6 +22,9 @@ class ParticipantConfig:
     FedAvg rounds); otherwise train continuously on the newest model held.
     ``publish_delay_s``: wait this long after training before the update is
     handed to the outbox (simulates a slow chip or radio in benchmarks).
+    ``update_signer``: if set, every update is signed with this device's key (one it
+    owns: ``<id>`` or ``<id>.<label>``); ``model_verifier``: if set, only models signed
+    by one of its keys (the aggregator's) are trained on.
     """
 
     participant_id: str
@@ -36,11 +39,16 @@ class ParticipantConfig:
     once_per_version: bool = False
     publish_delay_s: float = 0.0
     limits: WireLimits = field(default_factory=WireLimits)
+    update_signer: Signer | None = None
+    model_verifier: Verifier | None = None
 
     def __post_init__(self) -> None:
         pid = self.participant_id
         if not pid or len(pid) > 128 or not all(c.isalnum() or c in "-_." for c in pid):
             raise ConfigError(f"id: {pid!r} must be 1-128 characters of [A-Za-z0-9._-]")
+        signer = self.update_signer
+        if signer is not None and key_owner(signer.key_id) != pid:
+            raise ConfigError(f"signing_key: key {signer.key_id!r} does not belong to {pid!r}")
         if self.model not in ("cnn-s", "mlp"):
             raise ConfigError(f"model: {self.model!r} is not one of cnn-s, mlp")
         if self.epochs < 1:

@@ -28,9 +28,10 @@ from fedmq.codecs import ErrorFeedback, encode_params
 from fedmq.errors import PayloadTooLarge, WireError
 from fedmq.models import build_model, get_params, set_params, train_local
 from fedmq.participant._config import ParticipantConfig
+from fedmq.participant._modelsync import ModelView
 from fedmq.participant._outbox import Outbox
 from fedmq.transport import ParticipantTransport
-from fedmq.wire import UpdateEnvelope, decode_model, encode_update, materialize, tensor_spec_of
+from fedmq.wire import UpdateEnvelope, encode_update, open_signed, seal, tensor_spec_of
 
 __all__ = ["Participant", "ParticipantStats"]
 
@@ -58,6 +59,11 @@ class Participant:
 
     ``train_slots`` (optional) caps how many participants of one process train
     at once, so a simulated fleet measures the protocol, not CPU contention.
+    ``rounds``: train only when told to by ``train_round`` (synchronous rounds
+    whose participants are picked from outside, as ``fedmq bench`` does).
+    ``detach`` / ``attach`` take the device offline and back online: its
+    connection really closes while training goes on and the outbox keeps what
+    it finishes.
     """
 
     def __init__(
@@ -68,6 +74,7 @@ class Participant:
         y: torch.Tensor,
         *,
         train_slots: asyncio.Semaphore | None = None,
+        rounds: bool = False,
     ) -> None:
         self.config = config
         self.stats = ParticipantStats()
@@ -80,10 +87,15 @@ class Participant:
         self._outbox = Outbox(config.state_dir / "outbox")
         self._feedback = ErrorFeedback(config.codec) if config.error_feedback else None
         self._load_feedback()
+        self._view = ModelView(self._spec, config.limits)
+        self._rounds = rounds
+        self._round: int | None = None  # the model version the next round trains on
         self._latest: tuple[int, Params] | None = None
         self._model_arrived = asyncio.Event()
         self._outbox_filled = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._io_tasks: list[asyncio.Task[None]] = []
+        self._tg: asyncio.TaskGroup | None = None
 
     @property
     def next_seq(self) -> int:
@@ -94,30 +106,76 @@ class Participant:
         """Updates in the outbox, not yet confirmed by the broker."""
         return len(self._outbox.pending())
 
+    @property
+    def model_view(self) -> ModelView:
+        """The model held (keyframes and deltas applied, deltas skipped)."""
+        return self._view
+
+    @property
+    def online(self) -> bool:
+        return bool(self._io_tasks)
+
     def start(self, tg: asyncio.TaskGroup) -> None:
         """Start the device's three tasks in the process's TaskGroup."""
-        pid = self.config.participant_id
-        self._outbox_filled.set()  # publish whatever a previous run left behind
+        self._tg = tg
         self._tasks = [
-            tg.create_task(self._receive_models(), name=f"{pid}:models"),
-            tg.create_task(self._train_forever(), name=f"{pid}:train"),
-            tg.create_task(self._drain_outbox(), name=f"{pid}:outbox"),
+            tg.create_task(self._train_forever(), name=f"{self.config.participant_id}:train")
         ]
+        self._start_io()
+
+    def _start_io(self) -> None:
+        assert self._tg is not None
+        pid = self.config.participant_id
+        self._outbox_filled.set()  # publish whatever is pending (a previous run, offline time)
+        self._io_tasks = [
+            self._tg.create_task(self._receive_models(), name=f"{pid}:models"),
+            self._tg.create_task(self._drain_outbox(), name=f"{pid}:outbox"),
+        ]
+
+    async def detach(self) -> None:
+        """Go offline: stop receiving models and publishing; training goes on.
+
+        Returns once the transport is no longer used, so the caller may close
+        it. A publish cut short stays in the outbox and is sent again later.
+        """
+        tasks, self._io_tasks = self._io_tasks, []
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    def attach(self, transport: ParticipantTransport) -> None:
+        """Come back online through ``transport`` (already entered): the newest
+        model arrives from the broker and the outbox is published."""
+        if self._tg is None:
+            raise RuntimeError("attach: start the participant first")
+        if self._io_tasks:
+            raise RuntimeError("attach: the participant is online; detach it first")
+        self._transport = transport
+        self._start_io()
+
+    def train_round(self, version: int) -> None:
+        """With ``rounds``: train once on model ``version`` (or newer) as soon as it is held."""
+        self._round = version
+        self._model_arrived.set()
 
     def stop(self) -> None:
         """Cancel the device's tasks (what is in the outbox stays there)."""
-        for task in self._tasks:
+        for task in [*self._tasks, *self._io_tasks]:
             task.cancel()
 
     async def _receive_models(self) -> None:
         async for body in self._transport.models():
             self.stats.bytes_down += len(body)
             try:
-                version, params = await asyncio.to_thread(self._decode_model, body)
+                accepted = await asyncio.to_thread(self._accept_model, body)
             except WireError as error:
                 self.stats.models_rejected += 1
                 log_event(_log, "model_rejected", logging.WARNING, reason=error.reason.value)
                 continue
+            if accepted is None:
+                continue  # not newer, or a delta on a version not held (await a keyframe)
+            version, params = accepted
             if self._latest is None or version > self._latest[0]:
                 if self._latest is None:
                     log_event(
@@ -128,15 +186,12 @@ class Participant:
                 self.stats.model_version = version
                 self._model_arrived.set()
 
-    def _decode_model(self, body: bytes) -> tuple[int, Params]:
-        envelope = decode_model(body, spec=self._spec, limits=self.config.limits)
-        return envelope.version, materialize(envelope.tensors)
-
     async def _train_forever(self) -> None:
         trained_version: int | None = None
         while True:
             while self._latest is None or (
-                self.config.once_per_version and self._latest[0] == trained_version
+                (self.config.once_per_version and self._latest[0] == trained_version)
+                or (self._rounds and (self._round is None or self._latest[0] < self._round))
             ):
                 self._model_arrived.clear()
                 await self._model_arrived.wait()
@@ -144,6 +199,7 @@ class Participant:
             # that queued for the CPU does not train from a model that aged meanwhile.
             async with self._slots or contextlib.nullcontext():
                 version, base = self._latest
+                self._round = None
                 seq, body = await asyncio.to_thread(self._train_once, version, base)
             trained_version = version
             if self.config.publish_delay_s:
@@ -182,7 +238,12 @@ class Participant:
         )
         self.stats.trained += 1
         self.stats.last_loss = loss
-        return seq, encode_update(envelope)
+        return seq, seal(encode_update(envelope), self.config.update_signer)
+
+    def _accept_model(self, body: bytes) -> tuple[int, Params] | None:
+        """Verify (when a model key is configured) and take a model. In a worker thread."""
+        inner, _ = open_signed(body, verifier=self.config.model_verifier, limits=self.config.limits)
+        return self._view.accept(inner)
 
     def _store(self, seq: int, body: bytes) -> None:
         self._outbox.put(seq, body)

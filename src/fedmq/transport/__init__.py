@@ -6,7 +6,7 @@ from fedmq.transport._base import (
     ParticipantTransport,
     TransportConfig,
 )
-from fedmq.transport._factory import connect_aggregator, connect_participant
+from fedmq.transport._factory import connect_aggregator, connect_participant, send_control
 
 __all__ = [
     "AggregatorTransport",
@@ -15,4 +15,5 @@ __all__ = [
     "TransportConfig",
     "connect_aggregator",
     "connect_participant",
+    "send_control",
 ]

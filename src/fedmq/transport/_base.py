@@ -51,6 +51,10 @@ class TransportConfig:
     # with write on the default exchange append to the model stream; with this set,
     # a participant drops models whose user_id differs. None accepts every model.
     model_publisher: str | None = None
+    # AMQP only, the same for control commands: any user may write the control queue
+    # through the default exchange; with this set (e.g. "operator"), the aggregator
+    # drops commands whose user_id differs. MQTT brokers enforce it with their ACL.
+    control_publisher: str | None = None
 
     def __post_init__(self) -> None:
         scheme = self.url.split("://", 1)[0] if "://" in self.url else ""
@@ -68,6 +72,8 @@ class TransportConfig:
             raise ConfigError("reconnect_initial_s: must be > 0 and <= reconnect_max_s")
         if self.model_publisher is not None and not self.model_publisher:
             raise ConfigError("model_publisher: must be a broker user name, or None")
+        if self.control_publisher is not None and not self.control_publisher:
+            raise ConfigError("control_publisher: must be a broker user name, or None")
 
     @property
     def scheme(self) -> str:
@@ -114,11 +120,22 @@ class AggregatorTransport(Protocol):
         """
         ...
 
-    async def publish_model(self, body: bytes, *, version: int) -> None:
+    async def publish_model(self, body: bytes, *, version: int, keyframe: bool = True) -> None:
         """Publish a model so that current and late-joining participants get it.
 
-        Returns once the broker has it (confirm / PUBACK); waits through reconnects.
-        Raises PayloadTooLarge if body exceeds ``max_message_bytes``.
+        ``keyframe=False`` (a model delta): current subscribers get it, but where the
+        broker keeps one model for late joiners (MQTT retained, embedded) the last
+        keyframe stays that model. Returns once the broker has it (confirm / PUBACK);
+        waits through reconnects. Raises PayloadTooLarge if body exceeds
+        ``max_message_bytes``.
+        """
+        ...
+
+    def controls(self) -> AsyncIterator[bytes]:
+        """Operator commands sent to the job (``send_control``), across reconnects, until closed.
+
+        Queued by the broker while the aggregator is away (durable AMQP queue, MQTT
+        persistent session); acknowledged as they are handed over (at most once).
         """
         ...
 

@@ -33,3 +33,15 @@ def connect_participant(config: TransportConfig, participant_id: str) -> Partici
     from fedmq.transport.embedded import EmbeddedParticipant
 
     return EmbeddedParticipant(config, participant_id)
+
+
+async def send_control(config: TransportConfig, body: bytes) -> None:
+    """Send one operator command to the aggregator of ``config.job`` and return once the
+    broker has it (no retries: ``BrokerUnavailable`` / ``TransportError`` say why not)."""
+    if config.scheme in ("amqp", "amqps"):
+        from fedmq.transport.amqp import publish_control
+    elif config.scheme in ("mqtt", "mqtts"):
+        from fedmq.transport.mqtt import publish_control
+    else:
+        from fedmq.transport.embedded import publish_control
+    await publish_control(config, body)

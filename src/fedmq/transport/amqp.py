@@ -14,6 +14,9 @@ they use, so start order does not matter):
   (confirmed, header ``version``); each participant consumes it from
   ``x-stream-offset: last`` on every (re)connect, so a late joiner gets the
   current model at once.
+- ``fedmq.<job>.control``  classic durable queue: operator commands
+  (``publish_control``, persistent, confirmed), consumed by the aggregator with
+  automatic acks; with ``control_publisher`` set, those of another user are dropped.
 
 Only ``x-queue-type`` is set as a queue argument: lengths, retention and
 dead-lettering are operator policies (broker_config/definitions.json), because
@@ -48,7 +51,14 @@ from aio_pika.exceptions import (
 from aiormq.exceptions import ChannelAccessRefused, ChannelNotFoundEntity
 from pamqp.exceptions import PAMQPException
 
-from fedmq.errors import ClosedResourceError, ConfigError, PayloadTooLarge, Rejection
+from fedmq.errors import (
+    BrokerUnavailable,
+    ClosedResourceError,
+    ConfigError,
+    PayloadTooLarge,
+    Rejection,
+    TransportError,
+)
 from fedmq.transport._backoff import Backoff
 from fedmq.transport._base import TransportConfig
 from fedmq.transport._common import (
@@ -67,6 +77,7 @@ __all__ = [
     "AmqpNames",
     "AmqpParticipant",
     "amqp_names",
+    "publish_control",
 ]
 
 # Every error that means "this connection or channel is broken": retry on the next session.
@@ -82,6 +93,7 @@ DEAD_LETTER_EXCHANGE = "fedmq.dlx"  # broker_config/definitions.json's, if the b
 _MODELS_PREFETCH = 2  # stream consumers need a prefetch (it is their credit)
 _DETAIL_MAX = 1000  # characters of a rejection's detail kept in its header
 _CLOSE_TIMEOUT_S = 5.0
+_MAX_CONTROLS = 1000  # commands buffered for the aggregator (the oldest go first)
 
 
 @dataclass(frozen=True)
@@ -91,6 +103,7 @@ class AmqpNames:
     updates: str
     rejected: str
     models: str
+    control: str
 
 
 def amqp_names(job: str) -> AmqpNames:
@@ -99,6 +112,7 @@ def amqp_names(job: str) -> AmqpNames:
         updates=f"fedmq.{job}.updates",
         rejected=f"fedmq.{job}.rejected",
         models=f"fedmq.{job}.models",
+        control=f"fedmq.{job}.control",
     )
 
 
@@ -414,9 +428,11 @@ class AmqpAggregator(_AmqpBase):
         # Unbounded on purpose: the broker never has more than `prefetch` unacked
         # deliveries out per channel, so this holds at most `prefetch` live ones.
         self._inbox: Inbox[_AmqpDelivery] = Inbox()
+        self._controls: Inbox[bytes] = Inbox(maxlen=_MAX_CONTROLS)
 
     def _close_inbox(self) -> None:
         self._inbox.close()
+        self._controls.close()
 
     async def _open(self, connection: AbstractConnection) -> _AmqpSession:
         names, config = self._names, self._config
@@ -437,17 +453,76 @@ class AmqpAggregator(_AmqpBase):
         # Deliveries of the previous connection were requeued by the broker; drop our copies.
         self._inbox.drop_where(lambda d: d.stale)
         await queue.consume(on_update, no_ack=False)
+        if await _declare_control(connection, names.control):
+            control = await consume.get_queue(names.control, ensure=False)
+            await control.consume(self._on_control, no_ack=True)
         return session
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        publisher = self._config.control_publisher
+        if publisher is not None and message.user_id != publisher:
+            LOG.warning(
+                "%s: dropped a control command published by user %r, not %r",
+                self._label,
+                message.user_id,
+                publisher,
+            )
+            return
+        self._controls.put(message.body)
+
+    def controls(self) -> InboxIterator[bytes]:
+        """Operator commands from ``fedmq.<job>.control``, across reconnects, until closed."""
+        self._life.check_open()
+        return InboxIterator(self._controls)
 
     def updates(self) -> InboxIterator[_AmqpDelivery]:
         """Every update, across reconnects, until closed; stale deliveries are skipped."""
         self._life.check_open()
         return InboxIterator(self._inbox, skip=lambda d: d.stale)
 
-    async def publish_model(self, body: bytes, *, version: int) -> None:
+    async def publish_model(self, body: bytes, *, version: int, keyframe: bool = True) -> None:
+        # The stream keeps keyframes and deltas alike; a late joiner skips deltas it
+        # cannot apply until the next keyframe.
         await self._publish(
             body, routing_key=self._names.models, headers={"version": version}, what="model"
         )
+
+
+async def _declare_control(connection: AbstractConnection, name: str) -> bool:
+    """Declare the control queue; False (live tuning off, logged) if this user may not."""
+    try:
+        await _declare(connection, name)
+    except (ChannelAccessRefused, ChannelNotFoundEntity) as exc:
+        LOG.warning("amqp: no control queue %s (%s): live tuning is unavailable", name, exc)
+        return False
+    return True
+
+
+async def publish_control(config: TransportConfig, body: bytes) -> None:
+    """Send one operator command to the aggregator of ``config.job`` (persistent, confirmed).
+
+    One short connection, no retries: BrokerUnavailable or TransportError tell the
+    operator at once. The queue is declared if this user may (the operator of
+    broker_config/definitions.json may), else it must exist.
+    """
+    check_size(body, config.max_message_bytes, "control command")
+    label = f"amqp operator job={config.job}"
+    try:
+        connection = await _connect(config, f"fedmq-{config.job}-operator")
+    except _BROKER_ERRORS as exc:
+        if _is_fatal(exc):
+            raise TransportError(f"{label}: {redact_url(config.url)} refused us: {exc!r}") from exc
+        raise BrokerUnavailable(f"{label}: cannot reach {redact_url(config.url)}: {exc!r}") from exc
+    try:
+        name = amqp_names(config.job).control
+        await _declare(connection, name)
+        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+        session = _AmqpSession(label, connection, channel, config)
+        await session.publish(body, routing_key=name, headers={}, what="control command")
+    except _BROKER_ERRORS as exc:
+        raise TransportError(f"{label}: sending the command failed: {exc!r}") from exc
+    finally:
+        await _close_quietly(connection)
 
 
 class AmqpParticipant(_AmqpBase):

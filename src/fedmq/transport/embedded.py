@@ -14,7 +14,9 @@ Semantics, per job (the same as the real brokers, minus durability):
 - models: the latest one is retained and given at once to every new
   participant, then broadcast (each participant keeps only the newest unread);
 - rejections: the newest ``max_rejected`` records, readable with
-  ``EmbeddedBroker.rejected(job)`` (what an operator would inspect).
+  ``EmbeddedBroker.rejected(job)`` (what an operator would inspect);
+- control commands (``publish_control``): a FIFO per job, kept until an aggregator
+  takes them.
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ __all__ = [
     "EmbeddedParticipant",
     "RejectedRecord",
     "embedded_broker",
+    "publish_control",
     "reset_embedded_brokers",
 ]
 
+_MAX_CONTROLS = 1000  # commands kept for an absent aggregator (the oldest go first)
 _REGISTRY: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, EmbeddedBroker]] = (
     weakref.WeakKeyDictionary()
 )
@@ -71,6 +75,7 @@ class _Job:
     model_version: int | None = None
     subscribers: set[Inbox[bytes]] = field(default_factory=set)
     rejected: deque[RejectedRecord] = field(default_factory=deque)
+    controls: deque[bytes] = field(default_factory=lambda: deque(maxlen=_MAX_CONTROLS))
     next_seq: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -216,6 +221,25 @@ class _Updates:
             await job.changed()
 
 
+class _Controls:
+    """``async for`` over the job's control commands while the aggregator is open."""
+
+    def __init__(self, owner: EmbeddedAggregator) -> None:
+        self._owner = owner
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> bytes:
+        job = self._owner._job_state
+        while True:
+            if not self._owner._life.is_open:
+                raise StopAsyncIteration
+            if job.controls:
+                return job.controls.popleft()
+            await job.changed()
+
+
 class EmbeddedAggregator:
     """The aggregator's side on the embedded broker."""
 
@@ -260,13 +284,26 @@ class EmbeddedAggregator:
         self._life.check_open()
         return _Updates(self)
 
-    async def publish_model(self, body: bytes, *, version: int) -> None:
+    async def publish_model(self, body: bytes, *, version: int, keyframe: bool = True) -> None:
         self._life.check_open()
         check_size(body, self._config.max_message_bytes, "model")
         job = self._job_state
-        job.model, job.model_version = body, version
+        if keyframe:  # the retained model, given to late joiners, is the last keyframe
+            job.model, job.model_version = body, version
         for inbox in job.subscribers:
             inbox.put(body)
+
+    def controls(self) -> _Controls:
+        self._life.check_open()
+        return _Controls(self)
+
+
+async def publish_control(config: TransportConfig, body: bytes) -> None:
+    """An operator's command to the aggregator of ``config.job`` (kept until it takes it)."""
+    check_size(body, config.max_message_bytes, "control command")
+    job = embedded_broker(_broker_name(config))._job(config.job)
+    job.controls.append(body)
+    job.notify()
 
 
 class EmbeddedParticipant:

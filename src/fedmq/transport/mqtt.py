@@ -10,6 +10,9 @@ Topics of job ``<job>``:
   Participants subscribe at QoS 1 with persistent sessions (client id
   ``fedmq-<job>-p-<participant>``) and get the retained model at once.
 - ``fedmq/<job>/rejected``  QoS 1, JSON ``{reason, detail, participant, size}``.
+- ``fedmq/<job>/control``  QoS 1, operator commands (``publish_control``; only the
+  operator may write it, by the broker's ACL); the aggregator subscribes on the
+  same persistent session and acknowledges each one as it takes it.
 
 One connection per transport object carries both its subscription and its
 publishes.  Each connection attempt builds a fresh ``aiomqtt.Client`` inside the
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import secrets
 import ssl
 from collections.abc import Callable
 from types import TracebackType
@@ -34,7 +38,13 @@ import paho.mqtt.client as paho
 from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fedmq.errors import ClosedResourceError, ConfigError, Rejection
+from fedmq.errors import (
+    BrokerUnavailable,
+    ClosedResourceError,
+    ConfigError,
+    Rejection,
+    TransportError,
+)
 from fedmq.transport._base import TransportConfig
 from fedmq.transport._common import (
     LOG,
@@ -52,6 +62,7 @@ __all__ = [
     "MqttTopics",
     "SubscriptionRefused",
     "mqtt_topics",
+    "publish_control",
 ]
 
 _BROKER_ERRORS: tuple[type[BaseException], ...] = (aiomqtt.MqttError, OSError, TimeoutError)
@@ -59,6 +70,7 @@ _SETTLE_ERRORS: tuple[type[BaseException], ...] = (SessionLost, *_BROKER_ERRORS)
 _KEEPALIVE_S = 30
 _MQTT_MAX_REMAINING = 268_435_455  # the protocol's largest packet body
 _DETAIL_MAX = 1000
+_MAX_CONTROLS = 1000  # commands buffered for the aggregator (the oldest go first)
 _REFUSED_CODES = {4, 5, 134, 135}  # CONNACK: bad username/password, not authorised (3.1.1 / 5)
 
 
@@ -69,6 +81,7 @@ class MqttTopics:
         self.updates_filter = f"fedmq/{job}/updates/+"
         self.model = f"fedmq/{job}/model"
         self.rejected = f"fedmq/{job}/rejected"
+        self.control = f"fedmq/{job}/control"
         self._updates_prefix = f"fedmq/{job}/updates/"
 
     def updates(self, participant_id: str) -> str:
@@ -216,6 +229,8 @@ class _MqttBase:
         self._label = f"mqtt {role} job={config.job}"
         self._client_id = client_id
         self._subscription = subscription
+        # A second subscription that may be refused (by ACL) without stopping the transport.
+        self._optional_subscription: str | None = None
         self._manual_ack = manual_ack
         self._life = Lifecycle(self._label)
         self._supervisor: Supervisor[_MqttSession] | None = None
@@ -313,6 +328,12 @@ class _MqttBase:
             # kept the session: a new broker (or a wiped one) has no subscription.
             granted = await client.subscribe(self._subscription, qos=1)
             _check_granted(self._subscription, granted)
+            if self._optional_subscription is not None:
+                topic = self._optional_subscription
+                try:
+                    _check_granted(topic, await client.subscribe(topic, qos=1))
+                except SubscriptionRefused as exc:
+                    LOG.warning("%s: %s; live tuning is unavailable", self._label, exc)
             self._on_up(session)
             up(session)
             reader = asyncio.create_task(
@@ -364,9 +385,12 @@ class MqttAggregator(_MqttBase):
         # queue (max_queued_incoming_messages) would silently drop an update that was
         # never PUBACKed, stranding it in the broker's in-flight window until reconnect.
         self._inbox: Inbox[_MqttDelivery] = Inbox()
+        self._controls: Inbox[bytes] = Inbox(maxlen=_MAX_CONTROLS)
+        self._optional_subscription = topics.control
 
     def _close_inbox(self) -> None:
         self._inbox.close()
+        self._controls.close()
 
     def _new_client(self) -> aiomqtt.Client:
         return self._make_client(queue_type=None, max_queued=None)
@@ -376,6 +400,10 @@ class MqttAggregator(_MqttBase):
         self._inbox.drop_where(lambda d: d.stale)
 
     def _on_message(self, session: _MqttSession, message: aiomqtt.Message) -> None:
+        if message.topic.value == self._topics.control:
+            self._controls.put(message.payload)
+            session.puback(message)  # at most once: commands are few and idempotent
+            return
         self._inbox.put(_MqttDelivery(message, session, self._topics.rejected))
 
     def updates(self) -> InboxIterator[_MqttDelivery]:
@@ -383,9 +411,53 @@ class MqttAggregator(_MqttBase):
         self._life.check_open()
         return InboxIterator(self._inbox, skip=lambda d: d.stale)
 
-    async def publish_model(self, body: bytes, *, version: int) -> None:
+    async def publish_model(self, body: bytes, *, version: int, keyframe: bool = True) -> None:
         # MQTT 3.1.1 has no message properties: the version travels inside the envelope.
-        await self._publish(self._topics.model, body, retain=True, what=f"model v{version}")
+        # The retained model is the last keyframe: a late joiner cannot apply a delta.
+        await self._publish(self._topics.model, body, retain=keyframe, what=f"model v{version}")
+
+    def controls(self) -> InboxIterator[bytes]:
+        """Operator commands from ``fedmq/<job>/control``, across reconnects, until closed."""
+        self._life.check_open()
+        return InboxIterator(self._controls)
+
+
+async def publish_control(config: TransportConfig, body: bytes) -> None:
+    """Send one operator command to the aggregator of ``config.job`` (QoS 1, not retained).
+
+    One short connection (client id ``fedmq-<job>-operator-<random>``, clean session),
+    no retries. MQTT 3.1.1 cannot say "not authorised": a broker whose ACL refuses the
+    publish acknowledges it and drops it, so check the aggregator's metrics or log.
+    """
+    parts = urlsplit(config.url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(f"broker: MQTT transport needs an mqtt:// URL, got {parts.scheme}")
+    topic = MqttTopics(config.job).control
+    check_size(body, _limit(config, topic), "control command")
+    label = f"mqtt operator job={config.job}"
+    client = aiomqtt.Client(
+        parts.hostname or "127.0.0.1",
+        parts.port or (8883 if parts.scheme == "mqtts" else 1883),
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        identifier=f"fedmq-{config.job}-operator-{secrets.token_hex(4)}",
+        protocol=aiomqtt.ProtocolVersion.V311,
+        clean_session=True,
+        timeout=config.connect_timeout_s,
+        tls_context=ssl.create_default_context() if parts.scheme == "mqtts" else None,
+    )
+    connected = False
+    try:
+        async with client:
+            connected = True
+            await client.publish(topic, body, qos=1, timeout=config.connect_timeout_s)
+    except _BROKER_ERRORS as exc:
+        target = redact_url(config.url)
+        if _is_fatal(exc):
+            raise TransportError(f"{label}: {target} refused us: {exc!r}") from exc
+        if not connected:
+            raise BrokerUnavailable(f"{label}: cannot reach {target}: {exc!r}") from exc
+        raise TransportError(f"{label}: sending the command failed: {exc!r}") from exc
 
 
 class MqttParticipant(_MqttBase):

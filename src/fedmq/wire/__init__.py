@@ -5,9 +5,26 @@
 ``WireLimits``, raising ``WireError`` (with a machine-readable ``Reason``) and nothing
 else; ``materialize`` decodes the tensors. The format is specified byte for byte in
 docs/wire-format.md; ``python -m fedmq.wire.fuzz`` fuzzes the decoder at length.
+
+Signing (``fedmq.signed/1``): a ``Signer`` seals encoded bytes with an Ed25519 key, a
+``Verifier`` checks them against a ``KeyRing`` (``open_update``, ``open_model``,
+``open_signed``). Operator commands travel as ``fedmq.control/1``.
 """
 
+from fedmq.wire._control import (
+    SCHEMA_CONTROL,
+    ControlEnvelope,
+    ControlValue,
+    decode_control,
+    encode_control,
+)
 from fedmq.wire._decode import decode_model, decode_update, materialize
+from fedmq.wire._delta import (
+    SCHEMA_MODEL_DELTA,
+    ModelDeltaEnvelope,
+    decode_any_model,
+    encode_model_delta,
+)
 from fedmq.wire._encode import encode_model, encode_update
 from fedmq.wire._envelope import (
     SCHEMA_MODEL,
@@ -18,18 +35,67 @@ from fedmq.wire._envelope import (
     WireLimits,
     tensor_spec_of,
 )
+from fedmq.wire._keys import (
+    KeyRing,
+    PrivateKey,
+    create_key_pair,
+    fingerprint,
+    key_owner,
+    load_private_key,
+    load_public_key,
+    register_public_key,
+)
+from fedmq.wire._signed import (
+    SCHEMA_SIGNED,
+    SignedEnvelope,
+    Signer,
+    Verifier,
+    decode_signed,
+    encode_signed,
+    open_model,
+    open_signed,
+    open_update,
+    seal,
+)
 
 __all__ = [
+    "SCHEMA_CONTROL",
     "SCHEMA_MODEL",
+    "SCHEMA_MODEL_DELTA",
+    "SCHEMA_SIGNED",
     "SCHEMA_UPDATE",
+    "ControlEnvelope",
+    "ControlValue",
+    "KeyRing",
+    "ModelDeltaEnvelope",
     "ModelEnvelope",
+    "PrivateKey",
+    "SignedEnvelope",
+    "Signer",
     "TensorSpec",
     "UpdateEnvelope",
+    "Verifier",
     "WireLimits",
+    "create_key_pair",
+    "decode_any_model",
+    "decode_control",
     "decode_model",
+    "decode_signed",
     "decode_update",
+    "encode_control",
     "encode_model",
+    "encode_model_delta",
+    "encode_signed",
     "encode_update",
+    "fingerprint",
+    "key_owner",
+    "load_private_key",
+    "load_public_key",
     "materialize",
+    "open_model",
+    "open_signed",
+    "open_update",
+    "register_public_key",
+    "seal",
     "tensor_spec_of",
 ]

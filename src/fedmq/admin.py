@@ -1,0 +1,89 @@
+"""Operator commands: ``fedmq ctl`` (live tuning) and ``fedmq keys`` (signing keys).
+
+    fedmq ctl set --broker URL --job J alpha=0.4 max_staleness=10
+    fedmq ctl reset --broker URL --job J
+    fedmq keys create --id dev-01 --out DIR
+    fedmq keys register --id dev-01 --pub DIR/dev-01.pub --keys-dir REGISTRY
+    fedmq keys list --keys-dir REGISTRY
+
+The CLI reads the configuration and calls these; they print what they did.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedmq.aggregator._tuning import parse_assignments
+from fedmq.errors import ConfigError
+from fedmq.transport import TransportConfig, send_control
+from fedmq.wire import (
+    ControlEnvelope,
+    KeyRing,
+    create_key_pair,
+    encode_control,
+    fingerprint,
+    key_owner,
+    load_public_key,
+    register_public_key,
+)
+
+__all__ = ["ctl", "keys"]
+
+
+async def ctl(transport: TransportConfig, action: str, assignments: Sequence[str]) -> int:
+    """Send ``set NAME=VALUE...`` or ``reset`` to the job's aggregator; 0 once the broker has it."""
+    if action == "set":
+        values = parse_assignments(assignments)
+    elif action == "reset":
+        if assignments:
+            raise ConfigError("ctl reset: takes no NAME=VALUE")
+        values = {}
+    else:
+        raise ConfigError(f"ctl: unknown action {action!r}; use set or reset")
+    command = ControlEnvelope(
+        id=uuid.uuid4().hex[:12],
+        command="set" if action == "set" else "reset",
+        values=values,
+        issued=time.time(),
+    )
+    await send_control(transport, encode_control(command))
+    shown = "".join(f" {k}={v}" for k, v in values.items())
+    print(
+        f"sent {action}{shown} to job {transport.job} (id {command.id}); the aggregator logs "
+        "'tuned' or 'control_rejected' with this id, and exports fedmq_tuning{knob=...}"
+    )
+    return 0
+
+
+def keys(
+    action: str, *, key_id: str | None, out: str | None, pub: str | None, keys_dir: str | None
+) -> int:
+    """``create``, ``register`` or ``list`` keys; see the module docstring."""
+    if action == "create":
+        if not key_id or not out:
+            raise ConfigError("keys create: needs --id and --out")
+        private, public = create_key_pair(key_id, Path(out))
+        print(f"created {private} (private, mode 0600: keep it on the device)")
+        print(f"        {public} ({fingerprint(load_public_key(public))})")
+        return 0
+    if action == "register":
+        if not key_id or not pub or not keys_dir:
+            raise ConfigError("keys register: needs --id, --pub and --keys-dir")
+        target, replaced = register_public_key(key_id, Path(pub), Path(keys_dir))
+        new = fingerprint(load_public_key(target))
+        note = f", replacing {replaced}" if replaced and replaced != new else ""
+        print(f"registered {key_id} (owner {key_owner(key_id)}, {new}) as {target}{note}")
+        return 0
+    if action == "list":
+        if not keys_dir:
+            raise ConfigError("keys list: needs --keys-dir")
+        ring = KeyRing(Path(keys_dir))
+        for name in ring:
+            key = ring.get(name)
+            if key is not None:
+                print(f"{name:<32} owner {key_owner(name):<24} {fingerprint(key)}")
+        return 0
+    raise ConfigError(f"keys: unknown action {action!r}; use create, register or list")

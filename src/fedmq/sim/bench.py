@@ -1,0 +1,424 @@
+"""``fedmq bench``: fleet time-to-accuracy through a real broker (BENCHMARK.md).
+
+One run drives the real participant runtime (``fedmq.participant``) for every
+device of the fleet, in this process, through the broker of ``--broker``
+(RabbitMQ by default); the aggregator runs in a process of its own so that its
+CPU time and peak memory are measured alone (with the embedded ``memory://``
+broker it shares this process). The fleet follows ``FleetProtocol``: per-device
+publish delays, online/offline periods during which the device's connection is
+really closed (its outbox keeps what it finishes), at most ``concurrency``
+devices training at once. Synchronous FedAvg is driven from here: each round
+picks its participants (``RoundPicker``), tells the aggregator the round's size
+(``Aggregator.set_round``, which closes a short round with ``Strategy.flush``)
+and asks those devices to train once on the round's model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import concurrent.futures
+import contextlib
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.live import Live
+
+from fedmq.aggregator import AccuracyPoint, AggregatorConfig, AggregatorStats
+from fedmq.codecs import CodecConfig, encode_params
+from fedmq.data import load_fashion_mnist, resolve_data_dir, to_tensors
+from fedmq.models import build_model, get_params
+from fedmq.participant import Participant, ParticipantConfig
+from fedmq.participant.main import split
+from fedmq.sim._display import progress_line, progress_table
+from fedmq.sim._fleet import FleetProtocol, RoundPicker, online_periods, speed_factors
+from fedmq.sim._host import AggregatorHost, HostSpec
+from fedmq.transport import ParticipantTransport, TransportConfig, connect_participant
+from fedmq.wire import ModelEnvelope, encode_model
+
+__all__ = ["BenchConfig", "run_bench"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class BenchConfig:
+    """One benchmark configuration: the fleet, the aggregator, the devices, the broker."""
+
+    label: str
+    protocol: FleetProtocol
+    aggregator: AggregatorConfig
+    transport: TransportConfig
+    participant: ParticipantConfig  # template; id, state_dir and publish delay set per device
+    partition: str = "dirichlet"
+    max_examples: int = 0  # per device, 0 = its whole shard (small test fleets only)
+
+
+@dataclass
+class _Device:
+    index: int
+    participant: Participant
+    periods: list[tuple[float, float]]
+    transport: ParticipantTransport | None = None
+    online: bool = False
+
+
+@dataclass
+class _Tick:
+    elapsed_s: float
+    bytes_up: int
+    bytes_down: int
+    messages_down: int
+    load_1m: float = 0.0  # the host's 1-minute load average: other work on the machine
+
+
+async def run_bench(
+    config: BenchConfig, data_dir: str | None, out: Path, console: Console | None = None
+) -> dict[str, Any]:
+    """Run one configuration to the target (or the time limit); return its report dict."""
+    console = console or Console()
+    proto = config.protocol
+    out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
+    loop = asyncio.get_running_loop()
+    # Every device trains and decodes in worker threads: more than the default 6 workers,
+    # or decoding a model would queue behind up to `concurrency` trainings.
+    loop.set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(max_workers=proto.concurrency + 32)
+    )
+    torch.set_num_threads(1)
+    train, _ = load_fashion_mnist(resolve_data_dir(data_dir))
+    shards = split(
+        train.labels, config.partition, proto.participants, proto.dirichlet_alpha, proto.seed
+    )
+    speeds = speed_factors(proto.participants, proto.speed_sigma)
+    sync = config.aggregator.strategy.name == "fedavg"
+    separate = config.transport.scheme != "memory"
+    spec = HostSpec(aggregator=config.aggregator, transport=config.transport, data_dir=data_dir)
+    full_model_bytes = _full_model_bytes(config.aggregator.model)
+    slots = asyncio.Semaphore(proto.concurrency)
+    devices: list[_Device] = []
+    ticks: list[_Tick] = []
+    rounds: list[dict[str, Any]] = []
+    console.print(
+        f"fedmq bench {config.label}: {proto.participants} devices,"
+        f" strategy {config.aggregator.strategy.name},"
+        f" codec {_codec_label(config.participant.codec)},"
+        f" broker {config.transport.url.split('@')[-1]}, job {config.transport.job},"
+        f" target {proto.target_accuracy} or {proto.max_seconds:.0f} s"
+    )
+    async with AggregatorHost(spec, separate=separate) as host:
+        async with contextlib.AsyncExitStack() as stack:
+            for i, indices in enumerate(shards):
+                pid = f"dev-{i:02d}"
+                device_config = dataclasses.replace(
+                    config.participant,
+                    participant_id=pid,
+                    state_dir=out / "devices" / pid,
+                    publish_delay_s=proto.publish_delay_s(speeds, i),
+                )
+                if config.max_examples:
+                    indices = indices[: config.max_examples]
+                x, y = to_tensors(train, indices)
+                transport = connect_participant(config.transport, pid)
+                await transport.__aenter__()
+                participant = Participant(
+                    device_config, transport, x, y, train_slots=slots, rounds=sync
+                )
+                device = _Device(
+                    index=i,
+                    participant=participant,
+                    periods=online_periods(
+                        i, proto.max_seconds + 1.0, proto.mean_online_s, proto.mean_offline_s
+                    ),
+                    transport=transport,
+                    online=True,
+                )
+                devices.append(device)
+            stack.push_async_callback(_close_all, devices)
+            tg = await stack.enter_async_context(asyncio.TaskGroup())
+            t0 = time.monotonic()
+            host.start_clock(t0)
+            drivers: list[asyncio.Task[None]] = []
+            for device in devices:
+                device.participant.start(tg)
+                drivers.append(
+                    tg.create_task(
+                        _availability(device, config.transport, t0),
+                        name=f"bench:avail:{device.index}",
+                    )
+                )
+            if sync:
+                drivers.append(
+                    tg.create_task(
+                        _drive_rounds(devices, host, proto.concurrency, t0, rounds),
+                        name="bench:rounds",
+                    )
+                )
+            await _watch(proto, host, devices, ticks, t0, console)
+            for task in drivers:
+                task.cancel()
+            for device in devices:
+                device.participant.stop()
+        final = await host.stop()
+    return _report(config, final, devices, ticks, rounds, full_model_bytes, separate)
+
+
+async def _close_all(devices: list[_Device]) -> None:
+    async def close(device: _Device) -> None:
+        device.participant.stop()
+        if device.transport is not None:
+            transport, device.transport = device.transport, None
+            with contextlib.suppress(Exception):
+                await transport.__aexit__(None, None, None)
+
+    await asyncio.gather(*(close(d) for d in devices))
+
+
+async def _sleep_until(deadline: float) -> None:
+    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+
+
+async def _availability(device: _Device, transport_config: TransportConfig, t0: float) -> None:
+    """Take the device offline and online as its periods say, closing its connection."""
+    pid = device.participant.config.participant_id
+    for start, end in device.periods:
+        if start > 0:
+            await _sleep_until(t0 + start)
+            transport = connect_participant(transport_config, pid)
+            await transport.__aenter__()
+            device.transport = transport
+            device.participant.attach(transport)
+            device.online = True
+        await _sleep_until(t0 + end)
+        device.online = False
+        await device.participant.detach()
+        transport_to_close, device.transport = device.transport, None
+        if transport_to_close is not None:
+            await transport_to_close.__aexit__(None, None, None)
+
+
+async def _drive_rounds(
+    devices: list[_Device],
+    host: AggregatorHost,
+    size: int,
+    t0: float,
+    log: list[dict[str, Any]],
+) -> None:
+    """Synchronous FedAvg: one round per model version, participants picked here."""
+    picker = RoundPicker(size)
+    version = 0
+    while True:
+        online = [d.index for d in devices if d.online]
+        if not online:
+            await asyncio.sleep(0.1)
+            continue
+        picked = picker.pick(online)
+        host.set_round(version, len(picked))
+        for i in picked:
+            devices[i].participant.train_round(version)
+        log.append({"version": version, "started_s": time.monotonic() - t0, "participants": picked})
+        version = await host.wait_version_above(version)
+        log[-1]["ended_s"] = time.monotonic() - t0
+
+
+def _fleet_tick(devices: list[_Device], elapsed: float) -> _Tick:
+    return _Tick(
+        elapsed_s=elapsed,
+        bytes_up=sum(d.participant.stats.bytes_up for d in devices),
+        bytes_down=sum(d.participant.stats.bytes_down for d in devices),
+        messages_down=sum(d.participant.model_view.received for d in devices),
+        load_1m=os.getloadavg()[0],
+    )
+
+
+async def _watch(
+    proto: FleetProtocol,
+    host: AggregatorHost,
+    devices: list[_Device],
+    ticks: list[_Tick],
+    t0: float,
+    console: Console,
+) -> None:
+    """Record the fleet's counters, refresh the display, return at a stop condition."""
+    live = Live(console=console, auto_refresh=False) if console.is_terminal else None
+    last_line = -10.0
+    with live or contextlib.nullcontext():
+        while True:
+            await asyncio.sleep(0.25)
+            elapsed = time.monotonic() - t0
+            ticks.append(_fleet_tick(devices, elapsed))
+            stats = stats_from_snapshot(host.latest, t0)
+            if live is not None:
+                table = progress_table(
+                    stats, [d.participant.stats for d in devices], proto.target_accuracy
+                )
+                table.caption = f"online {sum(d.online for d in devices)}/{len(devices)}"
+                live.update(table, refresh=True)
+            elif elapsed - last_line >= 10.0:
+                last_line = elapsed
+                console.print(
+                    progress_line(stats) + f" online={sum(d.online for d in devices)}",
+                    highlight=False,
+                )
+            accuracy = stats.latest_accuracy or 0.0
+            if accuracy >= proto.target_accuracy or elapsed >= proto.max_seconds:
+                return
+
+
+def stats_from_snapshot(doc: dict[str, Any], t0: float) -> AggregatorStats:
+    """An ``AggregatorStats`` rebuilt from a host snapshot (for the shared display code)."""
+    stats = AggregatorStats(started=t0)
+    if not doc:
+        return stats
+    stats.version = doc["version"]
+    stats.received = doc["received"]
+    stats.applied = doc["applied"]
+    stats.rejected.update(doc["rejected"])
+    stats.staleness.update({int(k): v for k, v in doc["staleness"].items()})
+    stats.bytes_in = doc["bytes_in"]
+    stats.bytes_out = doc["bytes_out"]
+    stats.models_published = doc["models_published"]
+    stats.buffered = doc["buffered"]
+    stats.accuracy = [AccuracyPoint(**p) for p in doc["accuracy"]]
+    return stats
+
+
+def _full_model_bytes(model: str) -> int:
+    """The size of one full float32 model message (what "float32 every time" sends)."""
+    params = get_params(build_model(model))  # type: ignore[arg-type]
+    tensors = tuple(encode_params(params, CodecConfig(name="float32")))
+    return len(encode_model(ModelEnvelope(version=1_000_000, created=time.time(), tensors=tensors)))
+
+
+def _codec_label(codec: CodecConfig) -> str:
+    if codec.name == "topk":
+        return f"topk{codec.topk_fraction:g}-{codec.topk_values}"
+    return codec.name
+
+
+def _at(ticks: list[_Tick], elapsed: float, field: str) -> float:
+    """A fleet counter at ``elapsed`` (linear between the 0.25 s samples)."""
+    if not ticks:
+        return 0.0
+    times = [t.elapsed_s for t in ticks]
+    j = bisect.bisect_left(times, elapsed)
+    if j <= 0:
+        return float(getattr(ticks[0], field))
+    if j >= len(ticks):
+        return float(getattr(ticks[-1], field))
+    a, b = ticks[j - 1], ticks[j]
+    w = (elapsed - a.elapsed_s) / max(b.elapsed_s - a.elapsed_s, 1e-9)
+    return float(getattr(a, field)) * (1 - w) + float(getattr(b, field)) * w
+
+
+def _report(
+    config: BenchConfig,
+    final: dict[str, Any],
+    devices: list[_Device],
+    ticks: list[_Tick],
+    rounds: list[dict[str, Any]],
+    full_model_bytes: int,
+    separate: bool,
+) -> dict[str, Any]:
+    proto = config.protocol
+    points = final.get("accuracy", [])
+    hit = next((p for p in points if p["accuracy"] >= proto.target_accuracy), None)
+    end = ticks[-1] if ticks else _Tick(0.0, 0, 0, 0)
+    rejected: dict[str, int] = dict(final.get("rejected", {}))
+    invalid = sum(n for k, n in rejected.items() if k not in ("too_stale", "duplicate"))
+    views = [d.participant.model_view for d in devices]
+    doc: dict[str, Any] = {
+        "label": config.label,
+        "strategy": config.aggregator.strategy.name,
+        "codec": _codec_label(config.participant.codec),
+        "broker": config.transport.url.split("@")[-1],
+        "job": config.transport.job,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "reached_target": hit is not None,
+        "target_accuracy": proto.target_accuracy,
+        "time_to_target_s": hit["elapsed_s"] if hit else None,
+        "updates_to_target": hit["applied"] if hit else None,
+        "uplink_bytes_to_target": hit["bytes_in"] if hit else None,
+        "downlink_bytes_to_target": round(_at(ticks, hit["elapsed_s"], "bytes_down"))
+        if hit
+        else None,
+        "downlink_float32_bytes_to_target": round(
+            _at(ticks, hit["elapsed_s"], "messages_down") * full_model_bytes
+        )
+        if hit
+        else None,
+        "final_accuracy": points[-1]["accuracy"] if points else None,
+        "best_accuracy": max((p["accuracy"] for p in points), default=None),
+        "wall_time_s": end.elapsed_s,
+        "version": final.get("version"),
+        "received": final.get("received"),
+        "applied": final.get("applied"),
+        "dropped": {
+            "too_stale": rejected.get("too_stale", 0),
+            "duplicate": rejected.get("duplicate", 0),
+            "invalid": invalid,
+            "by_reason": rejected,
+        },
+        "staleness_histogram": {str(k): v for k, v in sorted(final.get("staleness", {}).items())},
+        "uplink_bytes": final.get("bytes_in"),
+        "fleet_bytes_published": end.bytes_up,
+        "downlink_bytes": end.bytes_down,
+        "downlink_messages": end.messages_down,
+        "downlink_float32_bytes": end.messages_down * full_model_bytes,
+        "full_model_bytes": full_model_bytes,
+        "models_published": final.get("models_published"),
+        "aggregator_bytes_published": final.get("bytes_out"),
+        "keyframes": final.get("keyframes"),
+        "deltas": final.get("deltas"),
+        "device_view": {
+            "keyframes_applied": sum(v.keyframes for v in views),
+            "deltas_applied": sum(v.deltas for v in views),
+            "deltas_skipped": sum(v.skipped for v in views),
+        },
+        "fleet": {
+            "trained": sum(d.participant.stats.trained for d in devices),
+            "published": sum(d.participant.stats.published for d in devices),
+            "pending_in_outboxes": sum(d.participant.pending for d in devices),
+        },
+        "host": {
+            "cpus": os.cpu_count(),
+            "load_1m_mean": sum(t.load_1m for t in ticks) / len(ticks) if ticks else None,
+            "load_1m_max": max((t.load_1m for t in ticks), default=None),
+        },
+        "aggregator_cost": {
+            "measured": "separate process (time.process_time, ru_maxrss)"
+            if separate
+            else "not separable: the embedded broker runs the aggregator in the fleet's process",
+            "cpu_s": final.get("cpu_s"),
+            "eval_cpu_s": final.get("eval_cpu_s"),
+            "evaluations": final.get("evaluations"),
+            "rss_start_bytes": final.get("rss_start_bytes"),
+            "peak_rss_bytes": final.get("peak_rss_bytes"),
+        },
+        "accuracy": points,
+        "rounds": rounds,
+        "protocol": dataclasses.asdict(proto),
+        "settings": {
+            "strategy": dataclasses.asdict(config.aggregator.strategy),
+            "codec": dataclasses.asdict(config.participant.codec),
+            "error_feedback": config.participant.error_feedback,
+            "model": config.participant.model,
+            "epochs": config.participant.epochs,
+            "batch_size": config.participant.batch_size,
+            "lr": config.participant.lr,
+            "partition": config.partition,
+            "eval_every": config.aggregator.eval_every,
+            "eval_examples": config.aggregator.eval_examples,
+            "publish_every": config.aggregator.publish_every,
+            "downlink": dataclasses.asdict(config.aggregator.downlink),
+            "prefetch": config.transport.prefetch,
+            "speeds": [
+                round(float(s), 4) for s in speed_factors(proto.participants, proto.speed_sigma)
+            ],
+        },
+    }
+    return doc

@@ -1,0 +1,577 @@
+"""``fedmq bench --virtual``: the same fleet, strategies and codecs against simulated time.
+
+A discrete-event simulation: no broker, no sleeps, no threads. Time is a number
+that jumps from one event to the next (a device comes online or goes offline,
+finishes training, publishes). The work that decides accuracy is the real code:
+``train_local`` on the device's shard, the codec with error feedback, the msgpack
+envelope, ``decode_update`` + ``materialize``, the strategy, the downlink deltas.
+
+Modelled, not measured (stated in the report):
+
+- training takes ``train_s_per_example`` x examples of simulated time (default:
+  what one core of this machine takes for cnn-s, about 0.5 ms per example), at
+  most ``concurrency`` devices at once, then the device waits speed_i x
+  delay_unit before it publishes, as in the real fleet;
+- delivery is instant: an online device holds the newest model; a device coming
+  back online downloads one full model (the last keyframe, in the real system);
+- an update that arrives too stale is dropped without being computed (it would
+  not change the model; the device's error-feedback residual is not advanced);
+- the model is evaluated every ``eval_every_s`` simulated seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import heapq
+import threading
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.live import Live
+
+from fedmq.aggregator import AccuracyPoint, AggregatorStats, Downlink, Evaluator
+from fedmq.codecs import CodecConfig, ErrorFeedback, encode_params
+from fedmq.data import load_fashion_mnist, resolve_data_dir, to_tensors
+from fedmq.models import build_model, get_params, set_params, train_local
+from fedmq.participant.main import split
+from fedmq.sim._display import progress_line, progress_table
+from fedmq.sim._fleet import RoundPicker, online_periods, speed_factors
+from fedmq.sim._report import write_results
+from fedmq.sim.bench import BenchConfig
+from fedmq.strategies import Contribution, make_strategy
+from fedmq.wire import (
+    ModelEnvelope,
+    UpdateEnvelope,
+    decode_update,
+    encode_model,
+    encode_update,
+    materialize,
+    tensor_spec_of,
+)
+
+__all__ = ["VirtualConfig", "run_virtual", "run_virtual_command"]
+
+Params = dict[str, np.ndarray]
+
+_ONLINE, _OFFLINE, _TRAINED, _STORED, _EVAL = range(5)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VirtualConfig:
+    """A virtual-clock run: ``bench``'s fleet and settings plus the time model."""
+
+    bench: BenchConfig
+    train_s_per_example: float = 0.0005
+    eval_every_s: float = 20.0
+
+
+@dataclass
+class _Device:
+    index: int
+    pid: str
+    x: torch.Tensor
+    y: torch.Tensor
+    delay_s: float
+    online: bool = True
+    busy: bool = False  # training or waiting out its publish delay
+    waiting: bool = False  # queued for a training slot
+    held: int = 0  # the model version it holds
+    seq: int = 0
+    outbox: list[tuple[int, int]] = field(default_factory=list)  # (seq, base_version)
+    feedback: ErrorFeedback | None = None
+
+
+class _Sim:
+    """The event loop of one virtual run."""
+
+    def __init__(self, config: VirtualConfig, data_dir: str | None) -> None:
+        self.config = config
+        bench = config.bench
+        proto = bench.protocol
+        self.proto = proto
+        train, test = load_fashion_mnist(resolve_data_dir(data_dir))
+        shards = split(
+            train.labels, bench.partition, proto.participants, proto.dirichlet_alpha, proto.seed
+        )
+        speeds = speed_factors(proto.participants, proto.speed_sigma)
+        width = len(str(proto.participants - 1))
+        self.devices: list[_Device] = []
+        for i, indices in enumerate(shards):
+            if bench.max_examples:
+                indices = indices[: bench.max_examples]
+            x, y = to_tensors(train, indices)
+            self.devices.append(
+                _Device(
+                    index=i,
+                    pid=f"dev-{i:0{width}d}",
+                    x=x,
+                    y=y,
+                    delay_s=proto.publish_delay_s(speeds, i),
+                )
+            )
+        n_eval = bench.aggregator.eval_examples
+        x_test, y_test = to_tensors(test)
+        self.evaluator = Evaluator(bench.aggregator.model, x_test[:n_eval], y_test[:n_eval])
+        self.model = build_model(bench.participant.model)  # type: ignore[arg-type]
+        initial = build_model(bench.aggregator.model, seed=bench.aggregator.seed)  # type: ignore[arg-type]
+        self.params: Params = get_params(initial)
+        self.spec = tensor_spec_of(self.params)
+        self.strategy = make_strategy(bench.aggregator.strategy)
+        self.state = self.strategy.init_state()
+        self.downlink = Downlink(bench.aggregator.downlink, _encode_full)
+        self.full_bytes = len(_encode_full(0, self.params))
+        self.history: OrderedDict[int, Params] = OrderedDict()
+        self.version = 0
+        self.stats = AggregatorStats()
+        self.now = 0.0
+        self.events: list[tuple[float, int, int, int, int]] = []
+        self._counter = 0
+        self.slots_free = proto.concurrency
+        self.queue: list[int] = []  # devices waiting for a slot, FIFO
+        self.sync = bench.aggregator.strategy.name == "fedavg"
+        self.picker = RoundPicker(proto.concurrency)
+        self.round_size = 0
+        self.round_open = False
+        self.online_count = proto.participants
+        self.bytes_down = 0
+        self.messages_down = 0
+        self.published = 0
+        self.trained = 0
+        self.rounds = 0
+        self.down_at_eval: list[int] = []  # fleet downlink bytes at each evaluation
+        self._update_size_cache: dict[tuple[int, int, int, int], int] = {}
+
+    # -- scheduling -------------------------------------------------------------------
+    def at(self, t: float, kind: int, device: int = -1, arg: int = 0) -> None:
+        self._counter += 1
+        heapq.heappush(self.events, (t, self._counter, kind, device, arg))
+
+    def start(self) -> None:
+        proto = self.proto
+        for d in self.devices:
+            for k, (start, end) in enumerate(
+                online_periods(
+                    d.index, proto.max_seconds + 1.0, proto.mean_online_s, proto.mean_offline_s
+                )
+            ):
+                if k > 0:
+                    self.at(start, _ONLINE, d.index)
+                self.at(end, _OFFLINE, d.index)
+        self._publish()
+        self.at(0.0, _EVAL)
+        if self.sync:
+            self._open_round()
+        else:
+            for d in self.devices:
+                self._want_slot(d)
+
+    # -- devices ----------------------------------------------------------------------
+    def _want_slot(self, d: _Device) -> None:
+        if d.busy or d.waiting or len(d.y) == 0:  # a device the split gave no data never trains
+            return
+        d.waiting = True
+        self.queue.append(d.index)
+        self._fill_slots()
+
+    def _fill_slots(self) -> None:
+        while self.slots_free > 0 and self.queue:
+            d = self.devices[self.queue.pop(0)]
+            d.waiting = False
+            d.busy = True
+            self.slots_free -= 1
+            base = self.version if d.online else d.held
+            d.held = base
+            duration = len(d.y) * self.config.train_s_per_example
+            self.at(self.now + duration, _TRAINED, d.index, base)
+
+    def _trained(self, d: _Device, base: int) -> None:
+        self.slots_free += 1
+        self.trained += 1
+        seq = d.seq
+        d.seq += 1
+        self.at(self.now + d.delay_s, _STORED, d.index, seq * 1_000_000_000 + base)
+        self._fill_slots()
+
+    def _stored(self, d: _Device, seq: int, base: int) -> None:
+        d.busy = False
+        d.outbox.append((seq, base))
+        if d.online:
+            self._flush_outbox(d)
+        if not self.sync:
+            self._want_slot(d)
+
+    def _flush_outbox(self, d: _Device) -> None:
+        pending, d.outbox = d.outbox, []
+        for seq, base in pending:
+            self._deliver(d, seq, base)
+
+    def _online(self, d: _Device) -> None:
+        d.online = True
+        self.online_count += 1
+        if d.held != self.version:
+            self.bytes_down += self.full_bytes  # the last keyframe, then deltas from there
+            self.messages_down += 1
+            d.held = self.version
+        self._flush_outbox(d)
+        if self.sync and not self.round_open:
+            self._open_round()
+
+    def _offline(self, d: _Device) -> None:
+        d.online = False
+        self.online_count -= 1
+
+    # -- aggregator -------------------------------------------------------------------
+    def _deliver(self, d: _Device, seq: int, base: int) -> None:
+        self.published += 1
+        self.stats.received += 1
+        staleness = self.version - base
+        limit = self.strategy.max_staleness
+        if staleness > limit or base not in self.history:
+            self.stats.bytes_in += self._update_size(d, seq, base)
+            self.stats.rejected["too_stale"] += 1
+            return
+        body = self._compute_update(d, seq, base)
+        self.stats.bytes_in += len(body)
+        update = decode_update(body, spec=self.spec, limits=self.config.bench.aggregator.limits)
+        delta = materialize(update.tensors)
+        contribution = Contribution(
+            delta=delta,
+            staleness=staleness,
+            num_examples=update.num_examples,
+            base=self.history[base] if self.strategy.needs_base else None,
+        )
+        new_params, self.state = self.strategy.step(self.params, self.state, contribution)
+        if (
+            new_params is None
+            and self.sync
+            and self.strategy.pending(self.state) >= self.round_size
+        ):
+            new_params, self.state = self.strategy.flush(self.params, self.state)
+        self.stats.applied += 1
+        self.stats.staleness[staleness] += 1
+        self.stats.buffered = self.strategy.pending(self.state)
+        if new_params is not None:
+            self.params = new_params
+            self.version += 1
+            self.stats.version = self.version
+            self._publish()
+            if self.sync:
+                self.round_open = False
+                self._open_round()
+
+    def _compute_update(self, d: _Device, seq: int, base: int) -> bytes:
+        participant = self.config.bench.participant
+        base_params = self.history[base]
+        set_params(self.model, base_params)
+        loss = train_local(
+            self.model,
+            d.x,
+            d.y,
+            epochs=participant.epochs,
+            batch_size=participant.batch_size,
+            lr=participant.lr,
+            seed=participant.seed * 1_000_003 + seq,
+        )
+        local = get_params(self.model)
+        delta = {name: local[name] - base_params[name] for name in base_params}
+        rng = np.random.default_rng([participant.seed, seq])
+        lossless = participant.codec.name == "float32"
+        if participant.error_feedback and not lossless:
+            if d.feedback is None:
+                d.feedback = ErrorFeedback(participant.codec)
+            tensors = d.feedback.encode(delta, rng)
+        else:
+            tensors = encode_params(delta, participant.codec, rng)
+        envelope = UpdateEnvelope(
+            participant=d.pid,
+            seq=seq,
+            base_version=base,
+            num_examples=len(d.y),
+            loss=loss,
+            created=self.now,
+            tensors=tuple(tensors),
+        )
+        return encode_update(envelope)
+
+    def _update_size(self, d: _Device, seq: int, base: int) -> int:
+        """The exact size the update would have had (every codec has a fixed size)."""
+        key = (_uint_len(seq), _uint_len(base), _uint_len(len(d.y)), len(d.pid))
+        size = self._update_size_cache.get(key)
+        if size is None:
+            zeros = {k: np.zeros_like(v) for k, v in self.params.items()}
+            tensors = encode_params(zeros, self.config.bench.participant.codec)
+            envelope = UpdateEnvelope(
+                participant=d.pid,
+                seq=seq,
+                base_version=base,
+                num_examples=len(d.y),
+                loss=0.0,
+                created=0.0,
+                tensors=tuple(tensors),
+            )
+            size = self._update_size_cache[key] = len(encode_update(envelope))
+        return size
+
+    def _publish(self) -> None:
+        body, view, _ = self.downlink.encode(self.version, self.params)
+        self.history[self.version] = view
+        while (
+            self.history and next(iter(self.history)) < self.version - self.strategy.max_staleness
+        ):
+            self.history.popitem(last=False)
+        self.stats.models_published += 1
+        self.stats.bytes_out += len(body)
+        self.bytes_down += self.online_count * len(body)
+        self.messages_down += self.online_count
+        for d in self.devices:
+            if d.online:
+                d.held = self.version
+
+    def _open_round(self) -> None:
+        online = [d.index for d in self.devices if d.online and len(d.y)]
+        if not online:
+            return
+        picked = self.picker.pick(online)
+        self.round_open = True
+        self.round_size = len(picked)
+        self.rounds += 1
+        for i in picked:
+            self._want_slot(self.devices[i])
+
+    def _evaluate(self) -> None:
+        accuracy, loss = self.evaluator(self.params)
+        self.stats.accuracy.append(
+            AccuracyPoint(
+                elapsed_s=self.now,
+                version=self.version,
+                applied=self.stats.applied,
+                accuracy=accuracy,
+                loss=loss,
+                bytes_in=self.stats.bytes_in,
+                bytes_out=self.stats.bytes_out,
+            )
+        )
+        self.down_at_eval.append(self.bytes_down)
+        self.at(self.now + self.config.eval_every_s, _EVAL)
+
+    # -- the loop ---------------------------------------------------------------------
+    def step(self) -> bool:
+        """Process one event; False when the run is over."""
+        if not self.events:
+            return False
+        t, _, kind, i, arg = heapq.heappop(self.events)
+        if t > self.proto.max_seconds:
+            return False
+        self.now = t
+        if kind == _EVAL:
+            self._evaluate()
+            accuracy = self.stats.latest_accuracy or 0.0
+            return accuracy < self.proto.target_accuracy
+        d = self.devices[i]
+        if kind == _ONLINE:
+            self._online(d)
+        elif kind == _OFFLINE:
+            self._offline(d)
+        elif kind == _TRAINED:
+            self._trained(d, arg)
+        elif kind == _STORED:
+            self._stored(d, arg // 1_000_000_000, arg % 1_000_000_000)
+        return True
+
+
+def _encode_full(version: int, params: Any) -> bytes:
+    tensors = tuple(encode_params(params, CodecConfig(name="float32")))
+    return encode_model(ModelEnvelope(version=version, created=time.time(), tensors=tensors))
+
+
+def _uint_len(value: int) -> int:
+    return 1 if value < 128 else 2 if value < 256 else 3 if value < 65536 else 5
+
+
+def run_virtual(
+    config: VirtualConfig,
+    data_dir: str | None,
+    console: Console | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, Any]:
+    """Run one virtual-clock configuration; its report dict. ``stop`` ends it early."""
+    console = console or Console()
+    torch.set_num_threads(1)
+    setup = time.perf_counter()
+    sim = _Sim(config, data_dir)
+    setup_s = time.perf_counter() - setup
+    proto = config.bench.protocol
+    started = time.perf_counter()
+    sim.start()
+    events = 0
+    live = Live(console=console, auto_refresh=False) if console.is_terminal else None
+    last_refresh = 0.0
+    with live or contextlib.nullcontext():
+        while sim.step():
+            events += 1
+            if stop is not None and stop.is_set():
+                break
+            wall = time.perf_counter()
+            if wall - last_refresh >= 1.0:
+                last_refresh = wall
+                sim.stats.started = time.monotonic() - sim.now  # elapsed shows simulated time
+                if live is not None:
+                    live.update(progress_table(sim.stats, [], proto.target_accuracy), refresh=True)
+                else:
+                    console.print(progress_line(sim.stats) + " (simulated time)", highlight=False)
+        # the final evaluation, unless the last event was one
+        if not sim.stats.accuracy or sim.stats.accuracy[-1].elapsed_s != sim.now:
+            sim._evaluate()
+    wall_s = time.perf_counter() - started
+    return _report(config, sim, wall_s, setup_s, events)
+
+
+def _report(
+    config: VirtualConfig, sim: _Sim, wall_s: float, setup_s: float, events: int
+) -> dict[str, Any]:
+    bench = config.bench
+    proto = bench.protocol
+    points = [dataclasses.asdict(p) for p in sim.stats.accuracy]
+    hit_index = next(
+        (k for k, p in enumerate(points) if p["accuracy"] >= proto.target_accuracy), None
+    )
+    hit = points[hit_index] if hit_index is not None else None
+    rejected = Counter(sim.stats.rejected)
+    virtual_s = sim.now
+    return {
+        "label": f"virtual-{bench.aggregator.strategy.name}-{bench.participant.codec.name}",
+        "mode": "virtual",
+        "strategy": bench.aggregator.strategy.name,
+        "codec": bench.participant.codec.name,
+        "broker": "none (virtual clock)",
+        "job": "-",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "reached_target": hit is not None,
+        "target_accuracy": proto.target_accuracy,
+        "time_to_target_s": hit["elapsed_s"] if hit else None,
+        "updates_to_target": hit["applied"] if hit else None,
+        "uplink_bytes_to_target": hit["bytes_in"] if hit else None,
+        "downlink_bytes_to_target": sim.down_at_eval[hit_index] if hit_index is not None else None,
+        "downlink_float32_bytes_to_target": None,
+        "final_accuracy": points[-1]["accuracy"] if points else None,
+        "best_accuracy": max((p["accuracy"] for p in points), default=None),
+        "wall_time_s": virtual_s,
+        "version": sim.version,
+        "received": sim.stats.received,
+        "applied": sim.stats.applied,
+        "dropped": {
+            "too_stale": rejected.get("too_stale", 0),
+            "duplicate": 0,
+            "invalid": 0,
+            "by_reason": dict(rejected),
+        },
+        "staleness_histogram": {str(k): v for k, v in sorted(sim.stats.staleness.items())},
+        "uplink_bytes": sim.stats.bytes_in,
+        "downlink_bytes": sim.bytes_down,
+        "downlink_messages": sim.messages_down,
+        "downlink_float32_bytes": sim.messages_down * sim.full_bytes,
+        "full_model_bytes": sim.full_bytes,
+        "models_published": sim.stats.models_published,
+        "keyframes": sim.downlink.keyframes,
+        "deltas": sim.downlink.deltas,
+        "device_view": {"deltas_skipped": 0},
+        "fleet": {"trained": sim.trained, "published": sim.published},
+        "rounds": sim.rounds,
+        "aggregator_cost": {
+            "measured": "not measured (virtual clock: one process does everything)",
+            "cpu_s": None,
+            "eval_cpu_s": None,
+            "evaluations": len(points),
+            "rss_start_bytes": None,
+            "peak_rss_bytes": None,
+        },
+        "scale": {
+            "devices": proto.participants,
+            "simulated_s": virtual_s,
+            "wall_s": wall_s,
+            "setup_s": setup_s,
+            "events": events,
+            "speedup": virtual_s / wall_s if wall_s else None,
+            "device_seconds_per_wall_s": proto.participants * virtual_s / wall_s
+            if wall_s
+            else None,
+            "updates_published_per_wall_s": sim.published / wall_s if wall_s else None,
+            "updates_applied_per_wall_s": sim.stats.applied / wall_s if wall_s else None,
+            "events_per_wall_s": events / wall_s if wall_s else None,
+        },
+        "time_model": {
+            "train_s_per_example": config.train_s_per_example,
+            "eval_every_s": config.eval_every_s,
+        },
+        "accuracy": points,
+        "protocol": dataclasses.asdict(proto),
+        "settings": {
+            "strategy": dataclasses.asdict(bench.aggregator.strategy),
+            "codec": dataclasses.asdict(bench.participant.codec),
+            "error_feedback": bench.participant.error_feedback,
+            "model": bench.participant.model,
+            "epochs": bench.participant.epochs,
+            "batch_size": bench.participant.batch_size,
+            "lr": bench.participant.lr,
+            "partition": bench.partition,
+            "eval_every": f"{config.eval_every_s} simulated s",
+            "eval_examples": bench.aggregator.eval_examples,
+            "publish_every": 1,
+            "downlink": dataclasses.asdict(bench.aggregator.downlink),
+            "prefetch": "-",
+            "max_examples": bench.max_examples,
+        },
+    }
+
+
+async def run_virtual_command(base: BenchConfig, data_dir: str | None, out: Path) -> int:
+    """``fedmq bench --virtual``: one configuration on the virtual clock."""
+    console = Console()
+    config = VirtualConfig(bench=base)
+    proto = base.protocol
+    console.print(
+        f"fedmq bench --virtual: {proto.participants} devices, strategy"
+        f" {base.aggregator.strategy.name}, codec {base.participant.codec.name},"
+        f" up to {proto.max_seconds:.0f} simulated s"
+    )
+    stop = threading.Event()
+    try:
+        # In a thread, so that Ctrl-C / SIGTERM (a cancellation here) can stop it.
+        run = await asyncio.to_thread(run_virtual, config, data_dir, console, stop)
+    finally:
+        stop.set()
+    scale = run["scale"]
+    extra = [
+        "## Scale (virtual clock)",
+        "",
+        "| devices | simulated s | wall s | speed-up | device-seconds / wall s"
+        " | updates published / wall s | updates applied / wall s | events / wall s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| {scale['devices']:,} | {scale['simulated_s']:.1f} | {scale['wall_s']:.1f}"
+        f" | {scale['speedup']:.2f}x | {scale['device_seconds_per_wall_s']:,.0f}"
+        f" | {scale['updates_published_per_wall_s']:,.1f}"
+        f" | {scale['updates_applied_per_wall_s']:,.1f} | {scale['events_per_wall_s']:,.0f} |",
+        "",
+        f"Time model: training {config.train_s_per_example * 1000:.2f} ms of simulated time"
+        f" per example; evaluation every {config.eval_every_s:g} simulated s. Times in the"
+        " tables below are simulated seconds.",
+        "",
+    ]
+    write_results(out, [run], title="fedmq bench --virtual", extra=extra)
+    console.print(
+        f"{scale['devices']:,} devices, {scale['simulated_s']:.0f} simulated s in"
+        f" {scale['wall_s']:.1f} s wall ({scale['speedup']:.2f}x): "
+        f"{scale['device_seconds_per_wall_s']:,.0f} device-s/s,"
+        f" {scale['updates_published_per_wall_s']:,.1f} updates published/s,"
+        f" {scale['updates_applied_per_wall_s']:,.1f} applied/s"
+    )
+    console.print(f"results: {out / 'report.md'}")
+    return 0
