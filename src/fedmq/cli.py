@@ -208,7 +208,8 @@ COMMANDS: dict[str, list[Option]] = {
 }
 
 
-def transport_config(v: Values) -> TransportConfig:
+def transport_config(v: Values, *, service: bool = False) -> TransportConfig:
+    """``service``: a long-running process that waits for a broker that is down at start."""
     if not v["broker"]:
         raise ConfigError(
             "broker: required, e.g. amqp://guest:guest@localhost/ or mqtt://localhost"
@@ -219,6 +220,7 @@ def transport_config(v: Values) -> TransportConfig:
         max_message_bytes=v["max_message_bytes"],
         prefetch=v.get("prefetch", 32),
         control_publisher=v.get("control_publisher"),
+        wait_for_broker=service,
     )
 
 
@@ -396,7 +398,7 @@ async def _aggregator(v: Values) -> int:
         port=v["metrics_port"], host=v["metrics_host"], active_window_s=v["active_window"]
     )
     return await run_aggregator(
-        aggregator_config(v), transport_config(v), v["data_dir"], metrics=metrics
+        aggregator_config(v), transport_config(v, service=True), v["data_dir"], metrics=metrics
     )
 
 
@@ -409,7 +411,7 @@ async def _participant(v: Values) -> int:
     state_dir = Path(v["state_dir"] or Path("fedmq-state") / v["id"])
     return await run_participant(
         participant_config(v, v["id"], state_dir),
-        transport_config(v),
+        transport_config(v, service=True),
         data_dir=v["data_dir"],
         shard=shard,
         partition=v["partition"],

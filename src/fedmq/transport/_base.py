@@ -46,6 +46,9 @@ class TransportConfig:
     reconnect_initial_s: float = 0.2
     reconnect_max_s: float = 10.0
     connect_timeout_s: float = 10.0
+    # Long-running services (the CLI's aggregator and participant) wait for a broker
+    # that is down at start, retrying with backoff; tests and the demo fail fast.
+    wait_for_broker: bool = False
     # AMQP only: the broker user whose model messages participants accept. RabbitMQ
     # verifies a message's user_id against the publisher's login, but lets any user
     # with write on the default exchange append to the model stream; with this set,

@@ -141,10 +141,14 @@ class Supervisor(Generic[S]):
     # -- lifecycle -----------------------------------------------------------
 
     async def start(self) -> None:
-        """Start the loop and wait for the first session (at most connect_timeout_s)."""
+        """Start the loop and wait for the first session.
+
+        At most ``connect_timeout_s``, or for as long as it takes with ``wait_for_broker``.
+        """
         self._task = asyncio.create_task(self._run(), name=f"fedmq.transport.{self._label}")
+        limit = None if self._config.wait_for_broker else self._config.connect_timeout_s
         try:
-            async with asyncio.timeout(self._config.connect_timeout_s):
+            async with asyncio.timeout(limit):
                 await asyncio.shield(self._first)
         except TimeoutError:
             raise BrokerUnavailable(
