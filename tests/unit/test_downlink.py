@@ -61,20 +61,30 @@ def test_device_view_matches_aggregator_view_bit_for_bit(codec: str) -> None:
     assert max(sizes[False]) < min(sizes[True])
 
 
-def test_a_delta_on_another_base_waits_for_the_next_keyframe() -> None:
+def test_deltas_apply_on_the_last_keyframe_so_a_missed_one_costs_nothing() -> None:
     rng = np.random.default_rng(1)
     params = _params(rng)
     downlink = Downlink(
         DownlinkConfig(codec=CodecConfig(name="int8"), keyframe_every=3), encode_full=_full
     )
-    bodies = [downlink.encode(v, params)[0] for v in range(4)]  # keyframe, delta, delta, keyframe
+    encoded = []
+    for version in range(5):  # keyframe 0, deltas 1 and 2 (base 0), keyframe 3, delta 4 (base 3)
+        params = {k: v + 0.01 for k, v in params.items()}
+        encoded.append(downlink.encode(version, params))
+    bodies = [body for body, _, _ in encoded]
+    assert [keyframe for _, _, keyframe in encoded] == [True, False, False, True, False]
     late = ModelView(tensor_spec_of(params), WireLimits())
     assert late.accept(bodies[2]) is None  # a delta, and nothing held
     assert late.accept(bodies[0]) is not None  # the keyframe of version 0
-    assert late.accept(bodies[2]) is None  # base 1 is not held: skipped
+    accepted = late.accept(bodies[2])  # delta 1 was missed: delta 2 applies all the same
+    assert accepted is not None and accepted[0] == 2
+    assert all(np.array_equal(accepted[1][k], encoded[2][1][k]) for k in params)
+    assert late.accept(bodies[4]) is None  # its keyframe (3) is not held: skipped
     assert late.skipped == 2
-    accepted = late.accept(bodies[3])
-    assert accepted is not None and accepted[0] == 3
+    assert late.accept(bodies[3]) is not None
+    accepted = late.accept(bodies[4])
+    assert accepted is not None and accepted[0] == 4
+    assert all(np.array_equal(accepted[1][k], encoded[4][1][k]) for k in params)
     assert late.accept(bodies[1]) is None  # older than what is held
 
 

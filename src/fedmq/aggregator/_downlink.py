@@ -1,17 +1,20 @@
 """How models go out: in full, or as compressed deltas against what devices hold.
 
 The aggregator keeps full precision in ``x_global``. With a delta codec it also keeps
-``x_view``, exactly what a device that followed every message holds, and publishes::
+the last keyframe ``x_key`` and ``x_view``, exactly what a device holds, and publishes::
 
     keyframe (every ``keyframe_every`` versions, and the first):  x_global in float32
-                                                                 x_view <- x_global
-    otherwise:  d = Q(x_global - x_view)                          ("fedmq.model-delta/1")
-                x_view <- x_view + decode(d)                      (float32, as devices do)
+                                                                 x_key = x_view = x_global
+    otherwise:  d = Q(x_global - x_key), base_version = the keyframe's ("fedmq.model-delta/1")
+                x_view = x_key + decode(d)                        (float32, as devices do)
 
-Quantization error never accumulates in the global model (it is not touched), nor
-between the global model and the view: each delta carries what the previous ones left
-out, like error feedback on the server. The aggregator uses ``x_view`` as the base of a
-version (FedAsync's ``x_local = base + delta``) because that is what devices trained from.
+Each delta is taken against the last keyframe, not the previous version: a device that
+missed some deltas (offline, or a reader that lagged and kept only the newest message)
+applies the next one as long as it holds the keyframe. Quantization error never
+accumulates: the global model is not touched, and each delta quantizes the whole
+difference afresh, so the view is never further than one quantization step from the
+global model. The aggregator uses ``x_view`` as the base of a version (FedAsync's
+``x_local = base + delta``) because that is what devices trained from.
 """
 
 from __future__ import annotations
@@ -56,8 +59,7 @@ class Downlink:
     ) -> None:
         self.config = config
         self._encode_full = encode_full
-        self._view: Params | None = None
-        self._view_version = -1
+        self._key: Params | None = None  # the last keyframe: the base of every delta
         self._keyframe_version = -1
         self.keyframes = 0
         self.deltas = 0
@@ -67,27 +69,25 @@ class Downlink:
         codec = self.config.codec
         if (
             codec is None
-            or self._view is None
+            or self._key is None
             or version - self._keyframe_version >= self.config.keyframe_every
         ):
             body = self._encode_full(version, params)
             view = {k: np.array(v, dtype=np.float32) for k, v in params.items()}
-            self._keyframe_version = version
+            self._key, self._keyframe_version = view, version
             self.keyframes += 1
-        else:
-            base = self._view
-            diff = {k: np.asarray(v, dtype=np.float32) - base[k] for k, v in params.items()}
-            tensors = tuple(encode_params(diff, codec))
-            # The very float32 operation devices perform, so both sides hold the same bits.
-            decoded = materialize(tensors)
-            view = {k: np.add(base[k], decoded[k], dtype=np.float32) for k in base}
-            envelope = ModelDeltaEnvelope(
-                version=version,
-                base_version=self._view_version,
-                created=time.time(),
-                tensors=tensors,
-            )
-            body = encode_model_delta(envelope)
-            self.deltas += 1
-        self._view, self._view_version = view, version
-        return body, view, version == self._keyframe_version
+            return body, view, True
+        key = self._key
+        diff = {k: np.asarray(v, dtype=np.float32) - key[k] for k, v in params.items()}
+        tensors = tuple(encode_params(diff, codec))
+        # The very float32 operation devices perform, so both sides hold the same bits.
+        decoded = materialize(tensors)
+        view = {k: np.add(key[k], decoded[k], dtype=np.float32) for k in key}
+        envelope = ModelDeltaEnvelope(
+            version=version,
+            base_version=self._keyframe_version,
+            created=time.time(),
+            tensors=tensors,
+        )
+        self.deltas += 1
+        return encode_model_delta(envelope), view, False

@@ -22,6 +22,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -96,6 +97,8 @@ class Aggregator:
         self._last_seq: dict[str, int] = {}
         self._evaluate = evaluate
         self._eval_task: asyncio.Task[None] | None = None
+        self._publish_task: asyncio.Task[None] | None = None
+        self._publish_wanted = False
         self._eval_wanted: int | None = None
         # Handled but not yet settled at the broker: (delivery, rejection or None, (pid, seq)).
         self._unsettled: list[tuple[Delivery, Rejection | None, tuple[str, int] | None]] = []
@@ -174,8 +177,13 @@ class Aggregator:
         handling: asyncio.Future[None] | None = None
         try:
             async for delivery in self._transport.updates():
-                handling = asyncio.ensure_future(self._handle(delivery))
-                await asyncio.shield(handling)
+                # Pipelined: this update decodes in a worker thread while the previous
+                # one is still being applied; applies stay one at a time, in order.
+                decoding = asyncio.ensure_future(asyncio.to_thread(self._decode, delivery.body))
+                decoding.add_done_callback(_retrieve)
+                if handling is not None:
+                    await asyncio.shield(handling)
+                handling = asyncio.ensure_future(self._handle(delivery, decoding))
         finally:
             control.cancel()
             if timer is not None:
@@ -186,18 +194,22 @@ class Aggregator:
                 await self._commit()
             log_event(_log, "stopped", version=self._version)
 
-    async def _handle(self, delivery: Delivery) -> None:
+    async def _handle(self, delivery: Delivery, decoding: _Decoding) -> None:
         async with self._apply_lock:
-            await self._apply(delivery)
+            await self._apply(delivery, decoding)
 
-    async def _apply(self, delivery: Delivery) -> None:
+    async def _apply(self, delivery: Delivery, decoding: _Decoding) -> None:
         started = time.perf_counter()
         body = delivery.body
         self.stats.received += 1
         self.stats.bytes_in += len(body)
         seq = None  # known once the envelope decoded: the rejection record names it
         try:
-            update, delta = await asyncio.to_thread(self._decode, body)
+            update, delta = await decoding
+            if update.base_version not in self._history and self._publish_task is not None:
+                # It cites a version whose publish is still in flight (not from a device,
+                # which cannot hold it yet): its view is needed to judge the update.
+                await asyncio.shield(self._publish_task)
             seq = update.seq
             contribution = self._admit(update, delta, delivery.participant_hint)
             new_params, self._state = await asyncio.to_thread(
@@ -354,7 +366,11 @@ class Aggregator:
         update = open_update(
             body, spec=self._spec, limits=self.config.limits, verifier=self.config.update_verifier
         )
-        return update, materialize(update.tensors)
+        delta = materialize(update.tensors)
+        for array in delta.values():
+            # Ours alone and never written: strategies may keep it without a copy.
+            array.flags.writeable = False
+        return update, delta
 
     def _admit(self, update: UpdateEnvelope, delta: Params, hint: str | None) -> Contribution:
         """Policy checks on a well-formed update; raises RejectedUpdate."""
@@ -399,20 +415,34 @@ class Aggregator:
         self._version += 1
         self.stats.version = self._version
         if self._version % self.config.publish_every == 0:
-            await self._publish()
+            self._request_publish()
         if self.config.eval_every and self._version % self.config.eval_every == 0:
             self._request_eval()
+
+    def _request_publish(self) -> None:
+        """Publish the current model soon, off the apply path: encoding it and waiting
+        for the broker's confirm never hold up the next update. At most one publish
+        runs at a time; when versions come faster, the newest wins."""
+        self._publish_wanted = True
+        if self._publish_task is None or self._publish_task.done():
+            self._publish_task = self._tg.create_task(self._publish_loop(), name="publish")
+
+    async def _publish_loop(self) -> None:
+        while self._publish_wanted:
+            self._publish_wanted = False
+            await self._publish()
 
     async def _publish(self) -> None:
         version, params = self._version, self._params
         body, view, keyframe = await asyncio.to_thread(self._downlink.encode, version, params)
+        # Held before it goes out: an update citing it can never arrive first.
+        self._history[version] = view
         if self.config.model_signer is not None:
             body = await asyncio.to_thread(self.config.model_signer.seal, body)
         if keyframe:
             await self._transport.publish_model(body, version=version)
         else:  # a delta: not the model kept for late joiners (MQTT retained)
             await self._transport.publish_model(body, version=version, keyframe=False)
-        self._history[version] = view
         while self._history and next(iter(self._history)) < version - self._strategy.max_staleness:
             self._history.popitem(last=False)
         self.stats.models_published += 1
@@ -445,6 +475,15 @@ class Aggregator:
             )
             self.stats.accuracy.append(point)
             log_event(_log, "evaluated", version=version, accuracy=round(accuracy, 4))
+
+
+_Decoding = asyncio.Future[tuple[UpdateEnvelope, Params]]
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a decoding's outcome as seen: a rejection is handled where it is awaited."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _encode_model(version: int, params: Mapping[str, np.ndarray]) -> bytes:

@@ -44,21 +44,29 @@ def encode_blocks(
     qmax = QMAX[bits]
     numel = flat.size
     nblocks = _num_blocks(numel, block)
-    padded = np.zeros(nblocks * block, dtype=np.float64)
-    padded[:numel] = flat
-    blocks = padded.reshape(nblocks, block)  # (nblocks, block)
-    scales: npt.NDArray[np.float32] = (np.abs(blocks).max(axis=1, initial=0.0) / qmax).astype("<f4")
+    if numel == nblocks * block:
+        blocks32 = flat.reshape(nblocks, block)  # (nblocks, block), no copy
+    else:  # zero-pad the short last block
+        blocks32 = np.zeros((nblocks, block), dtype=np.float32)
+        blocks32.reshape(-1)[:numel] = flat
+    # max|x| is exact in float32; the division by qmax is done in float64, then rounded.
+    amax = np.abs(blocks32).max(axis=1, initial=np.float32(0.0))
+    scales: npt.NDArray[np.float32] = (amax.astype(np.float64) / qmax).astype("<f4")
     # Quantise against the float32 scale actually sent, so the error bound holds on decode.
     divisor = np.where(scales > 0, scales, 1.0).astype(np.float64)
-    scaled = blocks / divisor[:, None]
+    scaled = blocks32.astype(np.float64)  # float64 division: the rounding is the same everywhere
+    scaled /= divisor[:, None]
     if stochastic:
         generator = rng if rng is not None else np.random.default_rng()
         # floor(y + u), u ~ U[0, 1): rounds up with probability frac(y), so E[q] = y.
-        rounded = np.floor(scaled + generator.random(scaled.shape))
+        scaled += generator.random(scaled.shape)
+        rounded = np.floor(scaled, out=scaled)
     else:
-        rounded = np.rint(scaled)
+        rounded = np.rint(scaled, out=scaled)
     # x / scale can exceed qmax by an ulp after the float32 rounding of the scale.
-    q = np.clip(rounded, -qmax, qmax).astype(np.int8).reshape(-1)[:numel]
+    np.maximum(rounded, -qmax, out=rounded)
+    np.minimum(rounded, qmax, out=rounded)
+    q = rounded.astype(np.int8).reshape(-1)[:numel]
     if bits == 8:
         packed = q.tobytes()
     else:
@@ -79,15 +87,26 @@ def decode_blocks(data: bytes, *, numel: int, bits: int, block: int) -> npt.NDAr
         fail(Reason.WRONG_TYPE, f"int{bits}: a block scale is negative")
     body = np.frombuffer(data, dtype=np.uint8, offset=4 * nblocks)
     if bits == 8:
-        q = body.view(np.int8).astype(np.float32)
+        q = body.view(np.int8)
     else:
         nibbles = np.empty(2 * body.size, dtype=np.int8)
         nibbles[0::2] = body & 0x0F
         nibbles[1::2] = body >> 4
-        # Sign-extend the 4-bit two's complement values.
-        q = np.where(nibbles >= 8, nibbles - 16, nibbles)[:numel].astype(np.float32)
+        # Sign-extend the 4-bit two's complement values: 0..7 stay, 8..15 -> -8..-1.
+        q = (nibbles[:numel] ^ 8) - 8
+    # q * scale of its block, broadcast over (block, value) without repeating the scales.
+    values = np.empty(numel, dtype=np.float32)
+    full = numel // block
     with np.errstate(over="ignore", invalid="ignore"):
-        values = q * np.repeat(scales.astype(np.float32), block)[:numel]
+        np.multiply(
+            q[: full * block].reshape(full, block),  # (full, block)
+            scales[:full, None],
+            out=values[: full * block].reshape(full, block),
+            dtype=np.float32,
+        )
+        if full < nblocks:  # the short last block
+            tail = slice(full * block, numel)
+            np.multiply(q[tail], scales[full], out=values[tail], dtype=np.float32)
     if not np.isfinite(values).all():
         fail(Reason.NON_FINITE, f"int{bits}: a decoded value overflows float32")
     return values

@@ -1,10 +1,10 @@
 """The model a device holds, kept in step with full models and model deltas.
 
-A full model (``fedmq.model/1``, a keyframe) replaces what is held when it is newer.
-A delta (``fedmq.model-delta/1``) applies only on top of exactly its ``base_version``,
-in float32 as the aggregator computed its own view; any other delta is skipped and the
-device waits for the next keyframe, so what it holds is always what the aggregator
-thinks it holds.
+A full model (``fedmq.model/1``, a keyframe) replaces what is held when it is newer,
+and is kept as a base. A delta (``fedmq.model-delta/1``) applies only on top of exactly
+its ``base_version`` (the last keyframe taken, or the version held), in float32 as the
+aggregator computed its own view; any other delta is skipped and the device waits for
+the next keyframe, so what it holds is always what the aggregator thinks it holds.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ class ModelView:
         self._limits = limits
         self.version: int | None = None
         self.params: Params | None = None
+        self._key: tuple[int, Params] | None = None  # the last keyframe taken
         self.received = 0  # model messages taken, whatever became of them
         self.keyframes = 0
         self.deltas = 0
@@ -49,14 +50,18 @@ class ModelView:
             return None  # a repeat or an older message (stream replay, reconnect)
         if isinstance(envelope, ModelEnvelope):
             params = materialize(envelope.tensors)
+            self._key = (envelope.version, params)
             self.keyframes += 1
         else:
-            if self.params is None or envelope.base_version != self.version:
+            if self._key is not None and envelope.base_version == self._key[0]:
+                base = self._key[1]
+            elif self.params is not None and envelope.base_version == self.version:
+                base = self.params
+            else:
                 self.skipped += 1
                 return None
             decoded = materialize(envelope.tensors)
-            held = self.params
-            params = {name: np.add(held[name], decoded[name], dtype=np.float32) for name in held}
+            params = {name: np.add(base[name], decoded[name], dtype=np.float32) for name in base}
             self.deltas += 1
         self.version, self.params = envelope.version, params
         return envelope.version, params

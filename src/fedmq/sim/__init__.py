@@ -1,3 +1,3 @@
-"""Simulated fleets on one machine: ``fedmq demo`` (and later ``fedmq bench``)."""
+"""Simulated fleets on one machine: ``fedmq demo`` and ``fedmq bench`` (docs/benchmarks.md)."""
 
 __all__: list[str] = []

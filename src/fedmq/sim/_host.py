@@ -111,7 +111,8 @@ async def _serve(spec: HostSpec, link: _Link, *, separate: bool) -> None:
     initial = get_params(build_model(config.model, seed=config.seed))
     stats = AggregatorStats()
     cpu0 = time.process_time()
-    rss0 = _peak_rss()
+    rss0 = _rss()
+    rss_peak = [rss0]
     async with connect_aggregator(spec.transport) as transport, asyncio.TaskGroup() as tg:
         aggregator = Aggregator(
             config, transport, initial, evaluate=timed_eval if evaluator else None, stats=stats
@@ -125,11 +126,13 @@ async def _serve(spec: HostSpec, link: _Link, *, separate: bool) -> None:
         def snapshot(final: bool) -> Message:
             doc = _snapshot(stats, aggregator.downlink.keyframes, aggregator.downlink.deltas)
             if separate:
+                rss_peak[0] = max(rss_peak[0], _rss())
                 doc["cpu_s"] = time.process_time() - cpu0
                 doc["eval_cpu_s"] = eval_cpu[0]
                 doc["evaluations"] = eval_cpu[1]
                 doc["rss_start_bytes"] = rss0
-                doc["peak_rss_bytes"] = _peak_rss()
+                doc["peak_rss_bytes"] = rss_peak[0]
+                doc["max_rss_with_setup_bytes"] = _max_rss()
             return ("final" if final else "snapshot", doc)
 
         async def report() -> None:
@@ -151,8 +154,15 @@ async def _serve(spec: HostSpec, link: _Link, *, separate: bool) -> None:
     link.send(snapshot(True))
 
 
-def _peak_rss() -> int:
+def _max_rss() -> int:
+    """The process's peak resident memory since it started, setup included."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _rss() -> int:
+    """Resident memory now (Linux /proc); sampled with every snapshot for the run's peak."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize()
 
 
 def _snapshot(stats: Any, keyframes: int, deltas: int) -> dict[str, Any]:

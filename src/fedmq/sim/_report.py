@@ -31,10 +31,12 @@ def _mib(value: float | None) -> str:
 
 def results_table(runs: Sequence[Run]) -> list[str]:
     """The main table, one row per configuration (markdown lines)."""
-    base = next(
-        (r for r in runs if r["codec"] == "float32" and r.get("uplink_bytes_to_target")), None
-    )
-    base_up = base["uplink_bytes_to_target"] if base else None
+    # "vs float32": against the float32 run of the same strategy
+    base_up = {
+        r["strategy"]: r["uplink_bytes_to_target"]
+        for r in runs
+        if r["codec"] == "float32" and r.get("uplink_bytes_to_target")
+    }
     lines = [
         "| configuration | reached | time to target | updates to target | uplink to target"
         " | vs float32 | downlink to target | float32 downlink | saved | final acc | best acc"
@@ -47,7 +49,7 @@ def results_table(runs: Sequence[Run]) -> list[str]:
             f" | {_num(r['time_to_target_s'], '.1f', ' s')}"
             f" | {_num(r['updates_to_target'])}"
             f" | {_num(r['uplink_bytes_to_target'])}"
-            f" | {_ratio(base_up, r['uplink_bytes_to_target'])}"
+            f" | {_ratio(base_up.get(r['strategy']), r['uplink_bytes_to_target'])}"
             f" | {_num(r['downlink_bytes_to_target'])}"
             f" | {_num(r['downlink_float32_bytes_to_target'])}"
             f" | {_ratio(r['downlink_float32_bytes_to_target'], r['downlink_bytes_to_target'])}"
@@ -60,7 +62,7 @@ def results_table(runs: Sequence[Run]) -> list[str]:
 def cost_table(runs: Sequence[Run]) -> list[str]:
     lines = [
         "| configuration | applied | received | too stale | duplicate | invalid"
-        " | staleness mean / max | aggregator CPU | of which evaluation | peak RSS (start)"
+        " | staleness mean / max | aggregator CPU | of which evaluation | RSS peak (after setup)"
         " | keyframes / deltas | deltas skipped on devices |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -135,7 +137,8 @@ def _downlink_text(downlink: dict[str, Any]) -> str:
 
 
 def write_markdown(path: Path, runs: Sequence[Run], title: str, extra: Sequence[str] = ()) -> None:
-    lines = [f"# {title}", "", f"Run on {runs[0]['date']}.", ""]
+    dates = f"{runs[0]['date']}" if len(runs) == 1 else f"{runs[0]['date']} to {runs[-1]['date']}"
+    lines = [f"# {title}", "", f"Runs finished {dates}.", ""]
     lines += [*extra]
     lines += ["## Time, updates and bytes to the target", "", *results_table(runs), ""]
     lines += [

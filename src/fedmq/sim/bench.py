@@ -33,6 +33,7 @@ from rich.live import Live
 from fedmq.aggregator import AccuracyPoint, AggregatorConfig, AggregatorStats
 from fedmq.codecs import CodecConfig, encode_params
 from fedmq.data import load_fashion_mnist, resolve_data_dir, to_tensors
+from fedmq.errors import FedmqError
 from fedmq.models import build_model, get_params
 from fedmq.participant import Participant, ParticipantConfig
 from fedmq.participant.main import split
@@ -167,13 +168,23 @@ async def run_bench(
     return _report(config, final, devices, ticks, rounds, full_model_bytes, separate)
 
 
+async def _close(transport: ParticipantTransport) -> None:
+    """Close a device's connection; a close that hangs (seen once with aio-pika while the
+    broker was busy) is abandoned after ``_CLOSE_S`` rather than stalling the run."""
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(_CLOSE_S):
+            await transport.__aexit__(None, None, None)
+
+
+_CLOSE_S = 10.0
+
+
 async def _close_all(devices: list[_Device]) -> None:
     async def close(device: _Device) -> None:
         device.participant.stop()
         if device.transport is not None:
             transport, device.transport = device.transport, None
-            with contextlib.suppress(Exception):
-                await transport.__aexit__(None, None, None)
+            await _close(transport)
 
     await asyncio.gather(*(close(d) for d in devices))
 
@@ -188,8 +199,9 @@ async def _availability(device: _Device, transport_config: TransportConfig, t0: 
     for start, end in device.periods:
         if start > 0:
             await _sleep_until(t0 + start)
-            transport = connect_participant(transport_config, pid)
-            await transport.__aenter__()
+            transport = await _connect(transport_config, pid, until=t0 + end)
+            if transport is None:
+                continue  # the broker stayed out of reach for the whole online period
             device.transport = transport
             device.participant.attach(transport)
             device.online = True
@@ -198,7 +210,22 @@ async def _availability(device: _Device, transport_config: TransportConfig, t0: 
         await device.participant.detach()
         transport_to_close, device.transport = device.transport, None
         if transport_to_close is not None:
-            await transport_to_close.__aexit__(None, None, None)
+            await _close(transport_to_close)
+
+
+async def _connect(
+    config: TransportConfig, pid: str, *, until: float
+) -> ParticipantTransport | None:
+    """A connected transport, retrying (a broker restarted by someone else) until ``until``."""
+    while time.monotonic() < until:
+        transport = connect_participant(config, pid)
+        try:
+            await transport.__aenter__()
+        except FedmqError:
+            await asyncio.sleep(1.0)
+            continue
+        return transport
+    return None
 
 
 async def _drive_rounds(
@@ -398,6 +425,7 @@ def _report(
             "evaluations": final.get("evaluations"),
             "rss_start_bytes": final.get("rss_start_bytes"),
             "peak_rss_bytes": final.get("peak_rss_bytes"),
+            "max_rss_with_setup_bytes": final.get("max_rss_with_setup_bytes"),
         },
         "accuracy": points,
         "rounds": rounds,

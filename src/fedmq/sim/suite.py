@@ -86,6 +86,7 @@ async def run_suite(base: BenchConfig, data_dir: str | None, out: Path) -> int:
         config = with_strategy(base, strategy, codec, stamp)
         run = await run_bench(config, data_dir, out / config.label, console)
         runs.append(run)
+        write_results(out / config.label, [run], title=f"fedmq bench: {config.label}")
         write_results(out, runs, title="fedmq bench --suite (partial)")
         _print_summary(console, [run], out / config.label)
         return run
@@ -152,7 +153,7 @@ def goals(runs: list[Run], best: str) -> list[dict[str, Any]]:
                     "goal": ">= 20x fewer uplink bytes to target than float32, final accuracy"
                     " within 0.5 points",
                     "measured": f"{label}: {factor:.1f}x fewer, final accuracy"
-                    f" {gap * 100:+.2f} points below float32",
+                    f" {abs(gap) * 100:.2f} points {'below' if gap > 0 else 'above'} float32's",
                     "met": factor >= 20 and gap <= 0.005,
                 }
             )

@@ -156,6 +156,9 @@ async def measure(
 ) -> dict[str, Any]:
     """Bare and aggregator rates for one broker and payload size."""
     count = count or payload.count
+    if url.startswith("mqtt"):
+        # Mosquitto keeps at most max_queued_messages (default 1000) for a client away.
+        count = min(count, 900)
     fedbuff = FedBuffConfig()
     agg = AggregatorConfig(
         strategy=StrategyConfig(name="fedbuff", fedbuff=fedbuff),

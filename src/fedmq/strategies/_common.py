@@ -47,9 +47,18 @@ def check_compatible(reference: Params, other: Params, what: str) -> None:
 
 
 def frozen_copy(params: Params) -> dict[str, npt.NDArray[np.float32]]:
-    """float32 copies marked read-only, for state that must not change once built."""
+    """float32 copies marked read-only, for state that must not change once built.
+
+    A float32 array that is already read-only is kept as it is, not copied: whoever
+    made it read-only hands over an array nobody writes (the aggregator does so with
+    each delta it decodes, which saves a copy of the model per update).
+    """
     out = {}
     for name, array in params.items():
+        frozen = isinstance(array, np.ndarray) and not array.flags.writeable
+        if frozen and array.dtype == np.float32:
+            out[name] = array
+            continue
         copy = np.array(array, dtype=np.float32, copy=True)
         copy.flags.writeable = False
         out[name] = copy

@@ -168,10 +168,7 @@ def fedbuff_flush(
         raise ValueError("fedbuff_flush: the buffer is empty")
     check_compatible(global_, state.entries[0][0], "buffered delta")
     k = len(state.entries)
-    g = {
-        name: f32(sum(weight * delta[name] for delta, weight in state.entries) / k)
-        for name in global_
-    }
+    g = {name: _weighted_mean(state.entries, name, k) for name in global_}
     lr = config.server_lr
     m, v = state.m, state.v
     match config.server_optimizer:
@@ -194,6 +191,21 @@ def fedbuff_flush(
         flushes=state.flushes + 1,
     )
     return new_global, new_state
+
+
+def _weighted_mean(
+    entries: tuple[tuple[_Arrays, float], ...], name: str, k: int
+) -> npt.NDArray[np.float32]:
+    """``sum_i w_i * delta_i[name] / k`` in float32, accumulated in place (no temporaries
+    per term beyond one scratch array; the same roundings as the plain sum)."""
+    first_delta, first_weight = entries[0]
+    acc = np.multiply(f32(first_delta[name]), first_weight, dtype=np.float32)
+    term = np.empty_like(acc)
+    for delta, weight in entries[1:]:
+        np.multiply(f32(delta[name]), weight, out=term, dtype=np.float32)
+        acc += term
+    acc /= np.float32(k)
+    return acc
 
 
 def _prev(moment: _Arrays | None, name: str, like: _Arrays) -> npt.NDArray[np.float32]:
