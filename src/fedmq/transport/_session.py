@@ -18,12 +18,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Generic, TypeVar
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
 
 from fedmq.errors import BrokerUnavailable, ClosedResourceError, TransportError
 from fedmq.transport._backoff import Backoff
 from fedmq.transport._base import TransportConfig
-from fedmq.transport._common import LOG
+from fedmq.transport._common import LOG, Lifecycle, redact_url
 
 __all__ = ["Session", "SessionLost", "Supervisor"]
 
@@ -255,3 +256,68 @@ class Supervisor(Generic[S]):
                 LOG.info("%s: %s failed (%r); retrying after reconnect", self._label, what, exc)
                 session.lose(exc)
             # The session is lost now; session() waits for the supervisor's next one.
+
+
+class SupervisedTransport(Generic[S]):
+    """The lifecycle the network transports share: entered once, one Supervisor, closed once.
+
+    Subclasses call ``_init_lifecycle`` and provide ``_serve`` (one session), ``_close_inbox``
+    (wake their iterators) and the broker's error classification.
+    """
+
+    _expected_errors: tuple[type[BaseException], ...] = ()
+
+    def _init_lifecycle(self, config: TransportConfig, label: str) -> None:
+        self._config = config
+        self._label = label
+        self._life = Lifecycle(label)
+        self._supervisor: Supervisor[S] | None = None
+
+    async def _serve(self, up: Callable[[S], None]) -> None:
+        raise NotImplementedError
+
+    def _close_inbox(self) -> None:
+        raise NotImplementedError
+
+    def _is_fatal(self, exc: BaseException) -> bool:
+        return False
+
+    async def __aenter__(self) -> Self:
+        self._life.enter()
+        self._supervisor = Supervisor(
+            label=self._label,
+            target=redact_url(self._config.url),
+            config=self._config,
+            serve=self._serve,
+            expected=self._expected_errors,
+            is_fatal=self._is_fatal,
+        )
+        try:
+            await self._supervisor.start()
+        except BaseException:
+            await self._close()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
+        self._life.close()
+        self._close_inbox()
+        if self._supervisor is not None:
+            await self._supervisor.stop()
+
+    @property
+    def connected(self) -> bool:
+        return self._supervisor is not None and self._supervisor.current is not None
+
+    @property
+    def sessions(self) -> int:
+        """How many connections came up so far (1 + reconnects)."""
+        return 0 if self._supervisor is None else self._supervisor.sessions

@@ -32,8 +32,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -63,13 +62,12 @@ from fedmq.transport._backoff import Backoff
 from fedmq.transport._base import TransportConfig
 from fedmq.transport._common import (
     LOG,
-    Lifecycle,
     check_participant_id,
     check_size,
     redact_url,
 )
 from fedmq.transport._inbox import Inbox, InboxIterator
-from fedmq.transport._session import Session, SessionLost, Supervisor
+from fedmq.transport._session import Session, SessionLost, SupervisedTransport
 
 __all__ = [
     "DEAD_LETTER_EXCHANGE",
@@ -341,59 +339,18 @@ class _AmqpDelivery:
             self._session.lose(exc)
 
 
-class _AmqpBase:
+class _AmqpBase(SupervisedTransport[_AmqpSession]):
+    _expected_errors = _BROKER_ERRORS
+
     def __init__(self, config: TransportConfig, role: str, client_name: str) -> None:
         if config.scheme not in ("amqp", "amqps"):
             raise ConfigError(f"AMQP transport needs an amqp:// URL, got {redact_url(config.url)}")
-        self._config = config
+        self._init_lifecycle(config, f"amqp {role} job={config.job}")
         self._names = amqp_names(config.job)
-        self._label = f"amqp {role} job={config.job}"
         self._client_name = client_name
-        self._life = Lifecycle(self._label)
-        self._supervisor: Supervisor[_AmqpSession] | None = None
 
-    async def __aenter__(self) -> Self:
-        self._life.enter()
-        self._supervisor = Supervisor(
-            label=self._label,
-            target=redact_url(self._config.url),
-            config=self._config,
-            serve=self._serve,
-            expected=_BROKER_ERRORS,
-            is_fatal=_is_fatal,
-        )
-        try:
-            await self._supervisor.start()
-        except BaseException:
-            await self._close()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._close()
-
-    async def _close(self) -> None:
-        self._life.close()
-        self._close_inbox()
-        if self._supervisor is not None:
-            await self._supervisor.stop()
-
-    def _close_inbox(self) -> None:
-        raise NotImplementedError
-
-    @property
-    def connected(self) -> bool:
-        return self._supervisor is not None and self._supervisor.current is not None
-
-    @property
-    def sessions(self) -> int:
-        """How many connections came up so far (1 + reconnects)."""
-        return 0 if self._supervisor is None else self._supervisor.sessions
+    def _is_fatal(self, exc: BaseException) -> bool:
+        return _is_fatal(exc)
 
     async def _serve(self, up: Callable[[_AmqpSession], None]) -> None:
         connection = await _connect(self._config, self._client_name)

@@ -29,8 +29,6 @@ import math
 import secrets
 import ssl
 from collections.abc import Callable
-from types import TracebackType
-from typing import Self
 from urllib.parse import unquote, urlsplit
 
 import aiomqtt
@@ -48,13 +46,12 @@ from fedmq.errors import (
 from fedmq.transport._base import TransportConfig
 from fedmq.transport._common import (
     LOG,
-    Lifecycle,
     check_participant_id,
     check_size,
     redact_url,
 )
 from fedmq.transport._inbox import Inbox, InboxIterator
-from fedmq.transport._session import Session, SessionLost, Supervisor
+from fedmq.transport._session import Session, SessionLost, SupervisedTransport
 
 __all__ = [
     "MqttAggregator",
@@ -206,7 +203,9 @@ class _MqttDelivery:
         self._session.puback(self._message)
 
 
-class _MqttBase:
+class _MqttBase(SupervisedTransport[_MqttSession]):
+    _expected_errors = _BROKER_ERRORS
+
     def __init__(
         self,
         config: TransportConfig,
@@ -219,68 +218,25 @@ class _MqttBase:
         parts = urlsplit(config.url)
         if parts.scheme not in ("mqtt", "mqtts"):
             raise ConfigError(f"broker: MQTT transport needs an mqtt:// URL, got {parts.scheme}")
-        self._config = config
+        self._init_lifecycle(config, f"mqtt {role} job={config.job}")
         self._topics = MqttTopics(config.job)
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
         self._username = unquote(parts.username) if parts.username else None
         self._password = unquote(parts.password) if parts.password else None
         self._tls = parts.scheme == "mqtts"
-        self._label = f"mqtt {role} job={config.job}"
         self._client_id = client_id
         self._subscription = subscription
         # A second subscription that may be refused (by ACL) without stopping the transport.
         self._optional_subscription: str | None = None
         self._manual_ack = manual_ack
-        self._life = Lifecycle(self._label)
-        self._supervisor: Supervisor[_MqttSession] | None = None
 
     # -- lifecycle -----------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
-        self._life.enter()
-        self._supervisor = Supervisor(
-            label=self._label,
-            target=redact_url(self._config.url),
-            config=self._config,
-            serve=self._serve,
-            expected=_BROKER_ERRORS,
-            is_fatal=_is_fatal,
-        )
-        try:
-            await self._supervisor.start()
-        except BaseException:
-            await self._close()
-            raise
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._close()
-
-    async def _close(self) -> None:
-        self._life.close()
-        self._close_inbox()
-        if self._supervisor is not None:
-            await self._supervisor.stop()
-
-    @property
-    def connected(self) -> bool:
-        return self._supervisor is not None and self._supervisor.current is not None
-
-    @property
-    def sessions(self) -> int:
-        """How many connections came up so far (1 + reconnects)."""
-        return 0 if self._supervisor is None else self._supervisor.sessions
+    def _is_fatal(self, exc: BaseException) -> bool:
+        return _is_fatal(exc)
 
     # -- role hooks ----------------------------------------------------------
-
-    def _close_inbox(self) -> None:
-        raise NotImplementedError
 
     def _new_client(self) -> aiomqtt.Client:
         raise NotImplementedError
