@@ -166,13 +166,16 @@ class Participant:
 
     async def _receive_models(self) -> None:
         async for body in self._transport.models():
-            self.stats.bytes_down += len(body)
+            # Bytes are counted once the message is handled, with the model view's count of
+            # messages taken, so a reader never sees the bytes of a message not yet counted.
             try:
                 accepted = await asyncio.to_thread(self._accept_model, body)
             except WireError as error:
+                self.stats.bytes_down += len(body)
                 self.stats.models_rejected += 1
                 log_event(_log, "model_rejected", logging.WARNING, reason=error.reason.value)
                 continue
+            self.stats.bytes_down += len(body)
             if accepted is None:
                 continue  # not newer, or a delta on a version not held (await a keyframe)
             version, params = accepted
