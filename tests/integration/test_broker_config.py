@@ -559,6 +559,7 @@ async def test_amqp_control_commands_are_taken_from_the_operator_only(
     async with await aio_pika.connect(amqp_url(rabbit, "dev-01")) as device:
         channel = await device.channel()
         queue = await channel.declare_queue(f"fedmq.{job}.control", passive=True)
+
         async def ignore(message: aio_pika.abc.AbstractIncomingMessage) -> None:
             pass
 

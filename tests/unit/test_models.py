@@ -40,6 +40,26 @@ def test_build_model_is_seeded() -> None:
     assert not np.array_equal(a["conv1.weight"], c["conv1.weight"])
 
 
+def test_cnn_s_computes_the_textbook_layers() -> None:
+    # Channels-last with max-pool before ReLU (fedmq.models.CnnS) against BENCHMARK.md's
+    # NCHW Conv ReLU MaxPool, same weights: the same function up to float rounding.
+    model = build_model("cnn-s")
+    x, y = toy_task(16)
+
+    def textbook(x: torch.Tensor) -> torch.Tensor:
+        w = {k: torch.tensor(v) for k, v in get_params(model).items()}  # NCHW, C order
+        h = F.max_pool2d(F.relu(F.conv2d(x, w["conv1.weight"], w["conv1.bias"], padding=2)), 2)
+        h = F.max_pool2d(F.relu(F.conv2d(h, w["conv2.weight"], w["conv2.bias"], padding=2)), 2)
+        return F.linear(h.flatten(1), w["fc.weight"], w["fc.bias"])
+
+    assert torch.allclose(model(x), textbook(x), atol=1e-5)
+    assert all(a.flags.c_contiguous for a in get_params(model).values())
+    params = get_params(model)
+    train_local(model, x, y, epochs=1, batch_size=8, lr=0.1, seed=0)
+    assert torch.allclose(model(x), textbook(x), atol=1e-5)  # trained weights read back
+    assert not np.array_equal(get_params(model)["conv1.weight"], params["conv1.weight"])
+
+
 def test_build_model_rejects_unknown_names() -> None:
     with pytest.raises(ConfigError, match="cnn-s, mlp"):
         build_model("resnet")  # type: ignore[arg-type]

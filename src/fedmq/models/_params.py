@@ -15,7 +15,8 @@ __all__ = ["get_params", "set_params"]
 def get_params(model: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
     """float32 numpy copies of ``model.state_dict()``, in its order; they never alias the model."""
     return {
-        name: tensor.detach().cpu().numpy().astype(np.float32, copy=True)
+        # order="C": the conv weights of a channels-last model have other strides.
+        name: tensor.detach().cpu().numpy().astype(np.float32, order="C", copy=True)
         for name, tensor in model.state_dict().items()
     }
 

@@ -21,6 +21,14 @@ class CnnS(nn.Module):
 
     Conv2d(1,16,5,pad 2) ReLU MaxPool(2) -> Conv2d(16,32,5,pad 2) ReLU MaxPool(2)
     -> Flatten -> Linear(1568,10).
+
+    Computed in the channels-last memory format, with each max-pool before its ReLU
+    (they commute: ``max`` is monotone, so ``relu(max(x)) == max(relu(x))``, and the
+    gradient reaches the same entries). The values are those of the plain NCHW layers
+    up to float rounding (~1e-7); on this machine's CPU, one thread, a training batch
+    of 32 takes 3.7 ms instead of 7.3 ms and evaluating 10,000 images 0.49 s instead
+    of 1.64 s (``python benchmarks/model_speed.py``): PyTorch's NCHW max-pool and
+    ReLU backward were 43 % of the training time (torch.profiler).
     """
 
     def __init__(self) -> None:
@@ -28,11 +36,14 @@ class CnnS(nn.Module):
         self.conv1 = nn.Conv2d(1, 16, kernel_size=5, padding=2)
         self.conv2 = nn.Conv2d(16, 32, kernel_size=5, padding=2)
         self.fc = nn.Linear(32 * 7 * 7, 10)
+        # The conv weights; values unchanged. (torch's stubs omit the memory_format overload.)
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)  # [B, 1, 28, 28] -> [B, 16, 14, 14]
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)  # -> [B, 32, 7, 7]
-        x = x.flatten(1)  # -> [B, 1568]
+        x = x.contiguous(memory_format=torch.channels_last)  # [B, 1, 28, 28], NHWC in memory
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))  # -> [B, 16, 14, 14]
+        x = F.relu(F.max_pool2d(self.conv2(x), 2))  # -> [B, 32, 7, 7]
+        x = x.flatten(1)  # -> [B, 1568], in (channel, row, column) order as in NCHW
         logits: torch.Tensor = self.fc(x)  # -> [B, 10]
         return logits
 
