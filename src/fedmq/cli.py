@@ -71,6 +71,9 @@ _STRATEGY = [
     Option("server_optimizer", str, "sgd", "FedBuff server optimizer", ("sgd", "momentum", "adam")),
     Option("clients_per_round", int, 10, "FedAvg: participants per round (C)"),
     Option("publish_every", int, 1, "republish the model every N versions"),
+    Option(
+        "publish_interval", float, 0.2, "seconds at least between model publishes (newest wins)"
+    ),
     Option("eval_every", int, 5, "evaluate on the test set every M versions (0: never)"),
     Option("eval_examples", int, 10_000, "test images used for evaluation"),
     Option("prefetch", int, 32, "updates in flight from the broker (back-pressure)"),
@@ -260,6 +263,7 @@ def aggregator_config(v: Values) -> AggregatorConfig:
         seed=v.get("seed", 0),
         strategy=strategy_config(v),
         publish_every=v["publish_every"],
+        publish_interval_s=v["publish_interval"],
         eval_every=v["eval_every"],
         eval_examples=v["eval_examples"],
         limits=WireLimits(max_message_bytes=v["max_message_bytes"]),

@@ -40,11 +40,17 @@ def delta(value: float) -> dict[str, np.ndarray]:
 
 
 @asynccontextmanager
-async def running(strategy: StrategyConfig, job: str) -> AsyncIterator[Aggregator]:
+async def running(
+    strategy: StrategyConfig, job: str, publish_interval_s: float = 0.0
+) -> AsyncIterator[Aggregator]:
     config = TransportConfig(url="memory://unit", job=job)
     async with connect_aggregator(config) as transport, asyncio.TaskGroup() as tg:
         aggregator = Aggregator(
-            AggregatorConfig(strategy=strategy, eval_every=0), transport, INITIAL
+            AggregatorConfig(
+                strategy=strategy, eval_every=0, publish_interval_s=publish_interval_s
+            ),
+            transport,
+            INITIAL,
         )
         task = tg.create_task(aggregator.run(tg), name="aggregator")
         yield aggregator
@@ -83,6 +89,23 @@ async def test_fedasync_apply_publishes_the_mixed_model(job: str) -> None:
         model = decode_model(latest[1])
         assert model.version == 1
         np.testing.assert_allclose(materialize(model.tensors)["b"], np.full(2, 2.0))
+
+
+async def test_publishes_are_spaced_and_the_newest_version_wins(job: str) -> None:
+    async with running(FEDASYNC, job, publish_interval_s=0.5) as aggregator:
+        started = time.monotonic()
+        # Three versions made at once (v1..v3): one publish, of v3, 0.5 s after v0's.
+        await send(job, "dev-1", *(update("dev-1", s, 0, delta(1.0)) for s in range(3)))
+        await settled(aggregator, 3)
+        assert aggregator.version == 3
+        async with asyncio.timeout(5):
+            while aggregator.stats.models_published < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert time.monotonic() - started >= 0.45
+        latest = embedded_broker("unit").latest_model(job)
+        assert latest is not None and latest[0] == 3
+        await asyncio.sleep(0.6)
+        assert aggregator.stats.models_published == 2  # v1 and v2 never went out
 
 
 async def test_stale_update_mixes_with_its_own_base(job: str) -> None:

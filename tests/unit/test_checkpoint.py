@@ -15,6 +15,7 @@ from fedmq.aggregator._checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from fedmq.codecs import SparseTensor
 from fedmq.strategies import FedBuffConfig, StalenessConfig, StrategyConfig, make_strategy
 from fedmq.strategies._strategy import Contribution
 from fedmq.transport import TransportConfig, connect_aggregator
@@ -68,6 +69,29 @@ def test_round_trip_keeps_strategy_state(tmp_path: Path) -> None:
         )
     assert a is not None and b is not None
     np.testing.assert_array_equal(a["w"], b["w"])
+
+
+def test_a_buffered_sparse_delta_survives_a_checkpoint(tmp_path: Path) -> None:
+    strategy = make_strategy(FEDBUFF)
+    sparse = SparseTensor((2, 2), np.array([1, 3], dtype=np.int64), np.ones(2, np.float32))
+    entry = Contribution(
+        delta={"w": sparse, "b": np.ones(2, np.float32)}, staleness=0, num_examples=1
+    )
+    _, state = strategy.step(dict(INITIAL), strategy.init_state(), entry)
+    save_checkpoint(
+        tmp_path,
+        Checkpoint(
+            version=0, params=INITIAL, history={}, strategy_state=state, last_seq={}, counters={}
+        ),
+    )
+    loaded = load_checkpoint(tmp_path)
+    assert loaded is not None
+    kept = loaded.strategy_state.entries[0][0]["w"]  # type: ignore[attr-defined]
+    assert isinstance(kept, SparseTensor) and kept.shape == (2, 2)
+    assert kept.indices.tolist() == [1, 3] and kept.values.tolist() == [1.0, 1.0]
+    flushed = [strategy.flush(dict(INITIAL), s)[0] for s in (state, loaded.strategy_state)]
+    assert flushed[0] is not None and flushed[1] is not None
+    np.testing.assert_array_equal(flushed[0]["w"], flushed[1]["w"])
 
 
 def test_no_checkpoint_yet(tmp_path: Path) -> None:

@@ -17,7 +17,9 @@ from fedmq.codecs import (
     CodecConfig,
     EncodedTensor,
     ErrorFeedback,
+    SparseTensor,
     decode_tensor,
+    decode_tensor_sparse,
     encode_params,
     encode_tensor,
     expected_payload_bytes,
@@ -460,3 +462,27 @@ def test_decode_bomb_is_rejected_without_allocating() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+@pytest.mark.parametrize("values", ["float32", "float16", "int8"])
+def test_sparse_decoding_of_topk_matches_the_dense_one(values: str) -> None:
+    rng = np.random.default_rng(5)
+    array = rng.standard_normal((30, 40)).astype(np.float32)
+    config = CodecConfig(name="topk", topk_fraction=0.05, topk_values=values)  # type: ignore[arg-type]
+    t = encode_tensor("w", array, config)
+    sparse = decode_tensor_sparse(t)
+    assert isinstance(sparse, SparseTensor) and sparse.shape == (30, 40)
+    np.testing.assert_array_equal(sparse.dense(), decode_tensor(t))
+    assert not sparse.values.flags.writeable
+    # Other codecs decode dense, as decode_tensor does.
+    dense_t = encode_tensor("w", array, CodecConfig(name="int8"))
+    np.testing.assert_array_equal(decode_tensor_sparse(dense_t), decode_tensor(dense_t))
+    # A bad payload is the same rejection either way.
+    k = t.params["k"]
+    indices = np.frombuffer(t.data, "<u4", count=int(k)).copy()
+    indices[[0, 1]] = indices[[1, 0]]  # no longer ascending
+    bad = dataclasses.replace(t, data=indices.tobytes() + t.data[4 * int(k) :])
+    for decode in (decode_tensor, decode_tensor_sparse):
+        with pytest.raises(WireError) as caught:
+            decode(bad)
+        assert caught.value.reason is Reason.WRONG_TYPE

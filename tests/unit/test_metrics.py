@@ -58,7 +58,9 @@ async def running(job: str) -> AsyncIterator[Aggregator]:
         asyncio.TaskGroup() as tg,
     ):
         aggregator = Aggregator(
-            AggregatorConfig(strategy=FEDBUFF, eval_every=0), transport, INITIAL
+            AggregatorConfig(strategy=FEDBUFF, eval_every=0, publish_interval_s=0.0),
+            transport,
+            INITIAL,
         )
         task = tg.create_task(aggregator.run(tg), name="aggregator")
         yield aggregator

@@ -82,6 +82,7 @@ def _config(tmp_path: Path, **overrides: Any) -> AggregatorConfig:
         "checkpoint_dir": tmp_path,
         "checkpoint_every": 100,
         "checkpoint_interval_s": 0.05,
+        "publish_interval_s": 0.0,  # these updates cite versions just made
     }
     options.update(overrides)
     return AggregatorConfig(**options)

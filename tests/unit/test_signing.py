@@ -351,6 +351,7 @@ async def test_the_service_rejects_unsigned_forged_and_replayed_updates(
     config = AggregatorConfig(
         strategy=STRATEGY,
         eval_every=0,
+        publish_interval_s=0.0,
         update_verifier=Verifier(ring(tmp_path, DEV1), job),
         model_signer=Signer(AGG, job),
     )

@@ -12,9 +12,11 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from fedmq.codecs import SparseTensor
 from fedmq.errors import ConfigError
 from fedmq.strategies import (
     Contribution,
+    Delta,
     FedAsyncConfig,
     FedAvgConfig,
     FedAvgState,
@@ -130,8 +132,35 @@ def test_fedbuff_copies_what_it_buffers() -> None:
     delta = {"w": np.array([1.0, 2.0], dtype=np.float32)}
     state = fedbuff_add(fedbuff_init(), delta, 0, config)
     delta["w"][:] = 100.0  # the caller reuses its array
-    assert state.entries[0][0]["w"].tolist() == [1.0, 2.0]
-    assert not state.entries[0][0]["w"].flags.writeable
+    kept = state.entries[0][0]["w"]
+    assert isinstance(kept, np.ndarray)
+    assert kept.tolist() == [1.0, 2.0]
+    assert not kept.flags.writeable
+
+
+def test_fedbuff_sums_sparse_deltas_as_the_dense_ones_bit_for_bit() -> None:
+    # Top-k deltas decoded sparse (SparseTensor) give the very same float32 step as
+    # their dense forms, mixed in any order with dense deltas.
+    rng = np.random.default_rng(3)
+    config = FedBuffConfig(buffer_size=4)
+    global_ = {"w": rng.standard_normal((3, 50)).astype(np.float32)}
+    sparse: list[Delta] = []
+    dense_forms: list[Delta] = []
+    for _ in range(3):
+        indices = np.sort(rng.choice(150, 7, replace=False)).astype(np.int64)
+        values = rng.standard_normal(7).astype(np.float32)
+        tensor = SparseTensor((3, 50), indices, values)
+        sparse.append({"w": tensor})
+        dense_forms.append({"w": tensor.dense()})
+        assert tensor.dense().reshape(-1)[indices].tolist() == values.tolist()
+    plain = {"w": rng.standard_normal((3, 50)).astype(np.float32)}
+    a = b = fedbuff_init()
+    for i, (s, d) in enumerate(zip([*sparse, plain], [*dense_forms, plain], strict=True)):
+        a = fedbuff_add(a, s, i, config)
+        b = fedbuff_add(b, d, i, config)
+    new_a, _ = fedbuff_flush(global_, a, config)
+    new_b, _ = fedbuff_flush(global_, b, config)
+    assert new_a["w"].tobytes() == new_b["w"].tobytes()
 
 
 def test_fedbuff_momentum() -> None:
@@ -400,3 +429,18 @@ def test_default_configs_are_the_benchmarks() -> None:
     assert config.fedbuff.buffer_size == 10 and config.fedbuff.server_lr == 1.0
     assert config.fedbuff.staleness == StalenessConfig(function="polynomial", a=0.5)
     assert config.fedavg.clients_per_round == 10
+
+
+def test_changes_model_says_which_step_makes_a_new_version() -> None:
+    # The aggregator runs a step in a worker thread only when it makes a new model.
+    fedbuff = make_strategy(StrategyConfig(name="fedbuff", fedbuff=FedBuffConfig(buffer_size=2)))
+    params = {"w": np.zeros(2, dtype=np.float32)}
+    one = Contribution(delta={"w": np.ones(2, dtype=np.float32)}, staleness=0, num_examples=1)
+    state = fedbuff.init_state()
+    assert not fedbuff.changes_model(state)
+    new, state = fedbuff.step(params, state, one)
+    assert new is None and fedbuff.changes_model(state)
+    new, state = fedbuff.step(params, state, one)
+    assert new is not None and not fedbuff.changes_model(state)
+    fedasync = make_strategy(StrategyConfig(name="fedasync"))
+    assert fedasync.changes_model(fedasync.init_state())

@@ -25,6 +25,7 @@ import msgpack
 import numpy as np
 
 from fedmq._fs import atomic_write
+from fedmq.codecs import SparseTensor
 from fedmq.errors import FedmqError
 from fedmq.strategies import FedAvgState, FedBuffState
 
@@ -33,7 +34,12 @@ __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"
 SCHEMA = "fedmq.checkpoint/1"
 FILENAME = "aggregator.ckpt"
 _ARRAY = 1  # msgpack ext code for an ndarray
-_STATES: dict[str, type] = {"FedBuffState": FedBuffState, "FedAvgState": FedAvgState}
+# The dataclasses a checkpoint may hold (strategy state; FedBuff may buffer sparse deltas).
+_STATES: dict[str, type] = {
+    "FedBuffState": FedBuffState,
+    "FedAvgState": FedAvgState,
+    "SparseTensor": SparseTensor,
+}
 
 
 class CheckpointError(FedmqError):

@@ -18,6 +18,11 @@ class AggregatorConfig:
     """How the aggregator applies, publishes, evaluates and persists.
 
     ``publish_every``: republish the model every N versions (1 = every apply).
+    ``publish_interval_s``: at least this long between two model publishes; versions
+    made meanwhile are not sent, the newest one goes out when the time is up (0 = as
+    fast as encoding and the broker allow). Each publish costs O(model) CPU (encoding,
+    the device view), which at hundreds of versions a second would starve the apply
+    path, while devices that train for seconds gain nothing from a model 0.2 s newer.
     ``eval_every``: evaluate on the held-out set every M versions (0 = never).
     ``checkpoint_dir``: where the durable state lives; with it, updates are acked
     to the broker only once a checkpoint covers them (after ``checkpoint_every``
@@ -34,6 +39,7 @@ class AggregatorConfig:
     seed: int = 0
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     publish_every: int = 1
+    publish_interval_s: float = 0.2
     eval_every: int = 5
     eval_examples: int = 10_000
     limits: WireLimits = field(default_factory=WireLimits)
@@ -52,6 +58,8 @@ class AggregatorConfig:
             raise ConfigError(f"model: {self.model!r} is not one of cnn-s, mlp")
         if self.publish_every < 1:
             raise ConfigError(f"publish_every: {self.publish_every} must be >= 1")
+        if not self.publish_interval_s >= 0:
+            raise ConfigError(f"publish_interval: {self.publish_interval_s} must be >= 0")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every: {self.eval_every} must be >= 0 (0 disables)")
         if self.eval_examples < 1:

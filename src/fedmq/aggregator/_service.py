@@ -39,15 +39,15 @@ from fedmq.aggregator._tuning import (
     strategy_from_dict,
     strategy_to_dict,
 )
-from fedmq.codecs import CodecConfig, encode_params
+from fedmq.codecs import CodecConfig, SparseTensor, encode_params
 from fedmq.errors import Reason, RejectedUpdate, Rejection
-from fedmq.strategies import Contribution, StrategyConfig, make_strategy
+from fedmq.strategies import Contribution, Delta, StrategyConfig, make_strategy
 from fedmq.transport import AggregatorTransport, Delivery
 from fedmq.wire import (
     ModelEnvelope,
     UpdateEnvelope,
     encode_model,
-    materialize,
+    materialize_sparse,
     open_update,
     tensor_spec_of,
 )
@@ -99,6 +99,7 @@ class Aggregator:
         self._eval_task: asyncio.Task[None] | None = None
         self._publish_task: asyncio.Task[None] | None = None
         self._publish_wanted = False
+        self._last_publish = -float("inf")  # time.monotonic() of the last publish
         self._eval_wanted: int | None = None
         # Handled but not yet settled at the broker: (delivery, rejection or None, (pid, seq)).
         self._unsettled: list[tuple[Delivery, Rejection | None, tuple[str, int] | None]] = []
@@ -206,15 +207,24 @@ class Aggregator:
         seq = None  # known once the envelope decoded: the rejection record names it
         try:
             update, delta = await decoding
-            if update.base_version not in self._history and self._publish_task is not None:
+            if (
+                self._strategy.needs_base
+                and update.base_version not in self._history
+                and self._publish_task is not None
+            ):
                 # It cites a version whose publish is still in flight (not from a device,
-                # which cannot hold it yet): its view is needed to judge the update.
+                # which cannot hold it yet): its view is the base the strategy needs.
                 await asyncio.shield(self._publish_task)
             seq = update.seq
             contribution = self._admit(update, delta, delivery.participant_hint)
-            new_params, self._state = await asyncio.to_thread(
-                self._strategy.step, self._params, self._state, contribution
-            )
+            if self._strategy.changes_model(self._state):
+                new_params, self._state = await asyncio.to_thread(
+                    self._strategy.step, self._params, self._state, contribution
+                )
+            else:  # only buffered: cheaper here than a round trip to a worker thread
+                new_params, self._state = self._strategy.step(
+                    self._params, self._state, contribution
+                )
             if new_params is None and self._round_due():
                 new_params, self._state = self._strategy.flush(self._params, self._state)
         except Rejection as rejection:
@@ -362,17 +372,19 @@ class Aggregator:
             strategy=strategy_to_dict(self._tuned) if self._tuned is not None else {},
         )
 
-    def _decode(self, body: bytes) -> tuple[UpdateEnvelope, Params]:
+    def _decode(self, body: bytes) -> tuple[UpdateEnvelope, Delta]:
         update = open_update(
             body, spec=self._spec, limits=self.config.limits, verifier=self.config.update_verifier
         )
-        delta = materialize(update.tensors)
-        for array in delta.values():
-            # Ours alone and never written: strategies may keep it without a copy.
-            array.flags.writeable = False
+        # Top-k tensors stay sparse: O(k) per update instead of a dense model-sized array.
+        delta = materialize_sparse(update.tensors)
+        for tensor in delta.values():
+            if isinstance(tensor, np.ndarray):
+                # Ours alone and never written: strategies may keep it without a copy.
+                tensor.flags.writeable = False
         return update, delta
 
-    def _admit(self, update: UpdateEnvelope, delta: Params, hint: str | None) -> Contribution:
+    def _admit(self, update: UpdateEnvelope, delta: Delta, hint: str | None) -> Contribution:
         """Policy checks on a well-formed update; raises RejectedUpdate."""
         pid = update.participant
         allowed = self.config.allowed_participants
@@ -396,7 +408,7 @@ class Aggregator:
             )
         bound = self.config.max_update_norm
         if bound is not None:
-            norm = float(np.sqrt(sum(float(np.vdot(d, d)) for d in delta.values())))
+            norm = float(np.sqrt(sum(_squared_norm(t) for t in delta.values())))
             if norm > bound:
                 raise RejectedUpdate(Reason.NORM_BOUND, f"L2 norm {norm:.4g} > {bound:.4g}")
         base = None
@@ -422,13 +434,15 @@ class Aggregator:
     def _request_publish(self) -> None:
         """Publish the current model soon, off the apply path: encoding it and waiting
         for the broker's confirm never hold up the next update. At most one publish
-        runs at a time; when versions come faster, the newest wins."""
+        runs at a time, at most one per ``publish_interval_s``; when versions come
+        faster, the newest wins."""
         self._publish_wanted = True
         if self._publish_task is None or self._publish_task.done():
             self._publish_task = self._tg.create_task(self._publish_loop(), name="publish")
 
     async def _publish_loop(self) -> None:
         while self._publish_wanted:
+            await _sleep_until(self._last_publish + self.config.publish_interval_s)
             self._publish_wanted = False
             await self._publish()
 
@@ -445,6 +459,7 @@ class Aggregator:
             await self._transport.publish_model(body, version=version, keyframe=False)
         while self._history and next(iter(self._history)) < version - self._strategy.max_staleness:
             self._history.popitem(last=False)
+        self._last_publish = time.monotonic()
         self.stats.models_published += 1
         self.stats.bytes_out += len(body)
         log_event(_log, "published", logging.DEBUG, version=version, bytes=len(body))
@@ -477,7 +492,19 @@ class Aggregator:
             log_event(_log, "evaluated", version=version, accuracy=round(accuracy, 4))
 
 
-_Decoding = asyncio.Future[tuple[UpdateEnvelope, Params]]
+_Decoding = asyncio.Future[tuple[UpdateEnvelope, Delta]]
+
+
+def _squared_norm(tensor: np.ndarray | SparseTensor) -> float:
+    if isinstance(tensor, SparseTensor):
+        return tensor.squared_norm()
+    return float(np.vdot(tensor, tensor))
+
+
+async def _sleep_until(deadline: float) -> None:
+    delay = deadline - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

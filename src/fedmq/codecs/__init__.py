@@ -10,17 +10,22 @@ from fedmq.codecs._config import CodecConfig, EncodedTensor
 from fedmq.codecs._feedback import ErrorFeedback
 from fedmq.codecs._registry import (
     decode_tensor,
+    decode_tensor_sparse,
     encode_params,
     encode_tensor,
     expected_payload_bytes,
 )
+from fedmq.codecs._sparse import SparseTensor, dense
 from fedmq.codecs._topk import topk_count
 
 __all__ = [
     "CodecConfig",
     "EncodedTensor",
     "ErrorFeedback",
+    "SparseTensor",
     "decode_tensor",
+    "decode_tensor_sparse",
+    "dense",
     "encode_params",
     "encode_tensor",
     "expected_payload_bytes",

@@ -12,10 +12,17 @@ from fedmq.codecs._blockquant import block_payload_bytes, decode_blocks, encode_
 from fedmq.codecs._checks import exact_keys, fail, int_param, numel_of
 from fedmq.codecs._config import MAX_BLOCK_SIZE, CodecConfig, EncodedTensor
 from fedmq.codecs._float import FLOAT_ITEMSIZE, decode_floats, encode_floats
-from fedmq.codecs._topk import decode_topk, encode_topk, topk_layout
+from fedmq.codecs._sparse import SparseTensor
+from fedmq.codecs._topk import decode_topk, decode_topk_sparse, encode_topk, topk_layout
 from fedmq.errors import Reason
 
-__all__ = ["decode_tensor", "encode_params", "encode_tensor", "expected_payload_bytes"]
+__all__ = [
+    "decode_tensor",
+    "decode_tensor_sparse",
+    "encode_params",
+    "encode_tensor",
+    "expected_payload_bytes",
+]
 
 CODECS = ("float32", "float16", "int8", "int4", "topk")
 _BITS = {"int8": 8, "int4": 4}
@@ -107,14 +114,8 @@ def expected_payload_bytes(
     return _plan(codec, params, numel_of(shape))[0]
 
 
-def decode_tensor(t: EncodedTensor) -> FloatArray:
-    """Decode ``t`` into a new float32 array of ``t.shape``.
-
-    Raises ``WireError`` and nothing else: UNKNOWN_CODEC, MISSING_FIELD or EXTRA_FIELD
-    (params keys), WRONG_TYPE (a field, parameter or index out of its type or range),
-    SIZE_MISMATCH, NON_FINITE, or TOO_LARGE (a top-k shape too large to allocate; the
-    wire decoder bounds shapes before this can happen).
-    """
+def _checked(t: EncodedTensor) -> tuple[int, _Decoder]:
+    """``t``'s element count and payload decoder, once its header and size are valid."""
     if t.dtype != "float32":
         fail(Reason.WRONG_TYPE, f"{t.name}: dtype {t.dtype!r}, v1 decodes float32 only")
     numel = numel_of(t.shape)
@@ -123,4 +124,28 @@ def decode_tensor(t: EncodedTensor) -> FloatArray:
         fail(Reason.WRONG_TYPE, f"{t.name}: data is {type(t.data).__name__}, expected bytes")
     if len(t.data) != size:
         fail(Reason.SIZE_MISMATCH, f"{t.name}: payload of {len(t.data)} bytes, expected {size}")
+    return numel, decode
+
+
+def decode_tensor_sparse(t: EncodedTensor) -> FloatArray | SparseTensor:
+    """As ``decode_tensor``, but a top-k tensor stays a ``SparseTensor`` of ``t.shape``.
+
+    The same validation and the same ``WireError`` reasons; the values are the same.
+    """
+    numel, decode = _checked(t)
+    if t.codec != "topk":
+        return decode(t.data).reshape(t.shape)
+    sparse = decode_topk_sparse(t.data, topk_layout(t.params, numel), numel)
+    return SparseTensor(t.shape, sparse.indices, sparse.values)
+
+
+def decode_tensor(t: EncodedTensor) -> FloatArray:
+    """Decode ``t`` into a new float32 array of ``t.shape``.
+
+    Raises ``WireError`` and nothing else: UNKNOWN_CODEC, MISSING_FIELD or EXTRA_FIELD
+    (params keys), WRONG_TYPE (a field, parameter or index out of its type or range),
+    SIZE_MISMATCH, NON_FINITE, or TOO_LARGE (a top-k shape too large to allocate; the
+    wire decoder bounds shapes before this can happen).
+    """
+    _, decode = _checked(t)
     return decode(t.data).reshape(t.shape)

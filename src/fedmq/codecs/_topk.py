@@ -19,9 +19,17 @@ from fedmq.codecs._blockquant import block_payload_bytes, decode_blocks, encode_
 from fedmq.codecs._checks import exact_keys, fail, int_param, str_param
 from fedmq.codecs._config import MAX_BLOCK_SIZE, CodecConfig
 from fedmq.codecs._float import FLOAT_ITEMSIZE, decode_floats, encode_floats
+from fedmq.codecs._sparse import SparseTensor
 from fedmq.errors import Reason
 
-__all__ = ["TopkLayout", "decode_topk", "encode_topk", "topk_count", "topk_layout"]
+__all__ = [
+    "TopkLayout",
+    "decode_topk",
+    "decode_topk_sparse",
+    "encode_topk",
+    "topk_count",
+    "topk_layout",
+]
 
 # Indices are uint32, so a top-k tensor holds at most 2**32 elements.
 MAX_TOPK_NUMEL = 2**32
@@ -89,8 +97,11 @@ def encode_topk(
     return params, chosen.astype("<u4").tobytes() + coded
 
 
-def decode_topk(data: bytes, layout: TopkLayout, numel: int) -> npt.NDArray[np.float32]:
-    """Inverse of ``encode_topk``; ``len(data)`` was already checked by the caller."""
+def decode_topk_sparse(data: bytes, layout: TopkLayout, numel: int) -> SparseTensor:
+    """Inverse of ``encode_topk``, kept sparse (a flat shape; the caller reshapes).
+
+    ``len(data)`` was already checked by the caller.
+    """
     k = layout.k
     indices = np.frombuffer(data, dtype="<u4", count=k).astype(np.int64)
     if k and (indices[-1] >= numel or (np.diff(indices) <= 0).any()):
@@ -100,9 +111,15 @@ def decode_topk(data: bytes, layout: TopkLayout, numel: int) -> npt.NDArray[np.f
         kept = decode_blocks(rest, numel=k, bits=8, block=layout.block)
     else:
         kept = decode_floats(rest, layout.values, k)
+    return SparseTensor((numel,), indices, kept)
+
+
+def decode_topk(data: bytes, layout: TopkLayout, numel: int) -> npt.NDArray[np.float32]:
+    """Inverse of ``encode_topk``, as a dense array; ``len(data)`` was already checked."""
+    sparse = decode_topk_sparse(data, layout, numel)
     try:
         dense = np.zeros(numel, dtype=np.float32)
     except (MemoryError, ValueError):
         fail(Reason.TOO_LARGE, f"topk: cannot allocate {numel} elements")
-    dense[indices] = kept
+    dense[sparse.indices] = sparse.values
     return dense

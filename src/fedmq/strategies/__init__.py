@@ -1,12 +1,13 @@
 """Aggregation strategies as pure maths: FedAsync, FedBuff, synchronous FedAvg.
 
 No I/O, no asyncio, inputs never modified; parameters are ``Mapping[str,
-float32 array]``. The functions (``fedasync_apply``, ``fedbuff_flush``,
-``fedavg_aggregate``...) carry the formulas; ``make_strategy`` wraps them in the
-one ``Strategy`` interface the aggregator drives.
+float32 array]``; a ``Delta`` may hold top-k tensors as ``SparseTensor``. The
+functions (``fedasync_apply``, ``fedbuff_flush``, ``fedavg_aggregate``...) carry the
+formulas; ``make_strategy`` wraps them in the one ``Strategy`` interface the
+aggregator drives.
 """
 
-from fedmq.strategies._common import Params
+from fedmq.strategies._common import Delta, Params
 from fedmq.strategies._fedasync import FedAsyncConfig, fedasync_apply
 from fedmq.strategies._fedavg import FedAvgConfig, fedavg_aggregate
 from fedmq.strategies._fedbuff import (
@@ -40,6 +41,7 @@ __all__ = [
     "STALENESS_FUNCTIONS",
     "STRATEGY_NAMES",
     "Contribution",
+    "Delta",
     "FedAsyncConfig",
     "FedAvgConfig",
     "FedAvgState",

@@ -8,12 +8,27 @@ from collections.abc import Mapping
 import numpy as np
 import numpy.typing as npt
 
+from fedmq.codecs import SparseTensor, dense
 from fedmq.errors import ConfigError
 
-__all__ = ["Params", "check_compatible", "f32", "frozen_copy", "is_int", "is_number", "require"]
+__all__ = [
+    "Delta",
+    "Params",
+    "check_compatible",
+    "dense",
+    "f32",
+    "frozen_copy",
+    "frozen_delta",
+    "is_int",
+    "is_number",
+    "require",
+]
 
 Params = Mapping[str, npt.NDArray[np.float32]]
 """Model parameters or a delta: tensor name -> float32 array (the model's state_dict order)."""
+
+Delta = Mapping[str, npt.NDArray[np.float32] | SparseTensor]
+"""A delta as decoded from an update: top-k tensors may stay sparse (``SparseTensor``)."""
 
 
 def require(ok: bool, owner: object, field: str, allowed: str, value: object) -> None:
@@ -32,7 +47,7 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def check_compatible(reference: Params, other: Params, what: str) -> None:
+def check_compatible(reference: Params | Delta, other: Params | Delta, what: str) -> None:
     """``other`` has exactly ``reference``'s tensor names and shapes, else ``ValueError``."""
     if reference.keys() != other.keys():
         missing = sorted(reference.keys() - other.keys())
@@ -46,7 +61,15 @@ def check_compatible(reference: Params, other: Params, what: str) -> None:
             )
 
 
-def frozen_copy(params: Params) -> dict[str, npt.NDArray[np.float32]]:
+def frozen_delta(delta: Delta) -> dict[str, npt.NDArray[np.float32] | SparseTensor]:
+    """``frozen_copy`` for a delta whose sparse tensors are kept as they are (immutable)."""
+    return {
+        name: t if isinstance(t, SparseTensor) else frozen_copy({name: t})[name]
+        for name, t in delta.items()
+    }
+
+
+def frozen_copy(params: Params | Delta) -> dict[str, npt.NDArray[np.float32]]:
     """float32 copies marked read-only, for state that must not change once built.
 
     A float32 array that is already read-only is kept as it is, not copied: whoever
@@ -54,7 +77,8 @@ def frozen_copy(params: Params) -> dict[str, npt.NDArray[np.float32]]:
     each delta it decodes, which saves a copy of the model per update).
     """
     out = {}
-    for name, array in params.items():
+    for name, tensor in params.items():
+        array = dense(tensor)
         frozen = isinstance(array, np.ndarray) and not array.flags.writeable
         if frozen and array.dtype == np.float32:
             out[name] = array

@@ -27,11 +27,13 @@ from typing import Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
+from fedmq.codecs import SparseTensor
 from fedmq.strategies._common import (
+    Delta,
     Params,
     check_compatible,
     f32,
-    frozen_copy,
+    frozen_delta,
     is_int,
     is_number,
     require,
@@ -53,6 +55,7 @@ ServerOptimizer = Literal["sgd", "momentum", "adam"]
 SERVER_OPTIMIZERS: tuple[ServerOptimizer, ...] = get_args(ServerOptimizer)
 
 _Arrays = Mapping[str, npt.NDArray[np.float32]]
+_Entry = tuple[Mapping[str, npt.NDArray[np.float32] | SparseTensor], float]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,12 +123,13 @@ class FedBuffState:
     """The buffer and the server optimizer's memory; plain arrays, floats and ints.
 
     ``entries`` holds ``(delta, weight)`` pairs, ``weight = s(staleness)`` taken
-    when the delta arrived; the arrays are read-only copies. ``m`` and ``v`` are
+    when the delta arrived; the arrays are read-only copies (top-k tensors decoded
+    sparse stay ``SparseTensor``). ``m`` and ``v`` are
     the optimizer's moments (None until the first flush that uses them).
     ``flushes`` counts server steps taken.
     """
 
-    entries: tuple[tuple[_Arrays, float], ...] = ()
+    entries: tuple[_Entry, ...] = ()
     m: _Arrays | None = None
     v: _Arrays | None = None
     flushes: int = 0
@@ -137,7 +141,7 @@ def fedbuff_init() -> FedBuffState:
 
 
 def fedbuff_add(
-    state: FedBuffState, delta: Params, staleness: int, config: FedBuffConfig
+    state: FedBuffState, delta: Delta, staleness: int, config: FedBuffConfig
 ) -> FedBuffState:
     """``state`` with ``delta`` buffered at weight ``s(staleness)``; ``delta`` is copied.
 
@@ -146,7 +150,7 @@ def fedbuff_add(
     if state.entries:
         check_compatible(state.entries[0][0], delta, "delta")
     weight = staleness_weight(config.staleness)(staleness)
-    return replace(state, entries=(*state.entries, (frozen_copy(delta), weight)))
+    return replace(state, entries=(*state.entries, (frozen_delta(delta), weight)))
 
 
 def fedbuff_ready(state: FedBuffState, config: FedBuffConfig) -> bool:
@@ -173,7 +177,14 @@ def fedbuff_flush(
     m, v = state.m, state.v
     match config.server_optimizer:
         case "sgd":
-            step = g
+            # x + lr * g, written into g's own buffer (made here, used nowhere else): the
+            # same float32 roundings as the expression below, without two model-sized
+            # temporaries per flush.
+            for name, x in global_.items():
+                if lr != 1.0:
+                    g[name] *= np.float32(lr)
+                np.add(f32(x), g[name], out=g[name])
+            return g, replace(state, entries=(), flushes=state.flushes + 1)
         case "momentum":
             beta = config.momentum
             m = {name: f32(beta * _prev(m, name, g) + g[name]) for name in g}
@@ -193,16 +204,21 @@ def fedbuff_flush(
     return new_global, new_state
 
 
-def _weighted_mean(
-    entries: tuple[tuple[_Arrays, float], ...], name: str, k: int
-) -> npt.NDArray[np.float32]:
+def _weighted_mean(entries: tuple[_Entry, ...], name: str, k: int) -> npt.NDArray[np.float32]:
     """``sum_i w_i * delta_i[name] / k`` in float32, accumulated in place (no temporaries
-    per term beyond one scratch array; the same roundings as the plain sum)."""
-    first_delta, first_weight = entries[0]
-    acc = np.multiply(f32(first_delta[name]), first_weight, dtype=np.float32)
-    term = np.empty_like(acc)
-    for delta, weight in entries[1:]:
-        np.multiply(f32(delta[name]), weight, out=term, dtype=np.float32)
+    per term beyond one scratch array; the same roundings as the plain sum). A sparse
+    term adds into its own entries only: the same float32 result, in O(k) not O(model)."""
+    first = entries[0][0][name]
+    acc = np.zeros(first.shape, dtype=np.float32)
+    term: npt.NDArray[np.float32] | None = None
+    for delta, weight in entries:
+        tensor = delta[name]
+        if isinstance(tensor, SparseTensor):
+            tensor.add_scaled_to(acc, weight)
+            continue
+        if term is None:
+            term = np.empty_like(acc)
+        np.multiply(f32(tensor), weight, out=term, dtype=np.float32)
         acc += term
     acc /= np.float32(k)
     return acc

@@ -19,7 +19,16 @@ from typing import Literal, Protocol, TypeVar, get_args
 import numpy as np
 import numpy.typing as npt
 
-from fedmq.strategies._common import Params, check_compatible, f32, frozen_copy, is_int, require
+from fedmq.strategies._common import (
+    Delta,
+    Params,
+    check_compatible,
+    dense,
+    f32,
+    frozen_copy,
+    is_int,
+    require,
+)
 from fedmq.strategies._fedasync import FedAsyncConfig, fedasync_apply
 from fedmq.strategies._fedavg import FedAvgConfig, fedavg_aggregate
 from fedmq.strategies._fedbuff import (
@@ -52,14 +61,15 @@ _S = TypeVar("_S")
 class Contribution:
     """One admitted update, as the strategy sees it.
 
-    ``delta`` is trained minus base; ``staleness`` is how many versions the
+    ``delta`` is trained minus base (top-k tensors may be ``SparseTensor``: FedBuff
+    sums them sparsely, the others make them dense); ``staleness`` is how many versions the
     global model advanced since ``base``; ``num_examples`` is the participant's
     local data size (FedAvg's weight). ``base`` is the model the participant
     trained from, required when the strategy ``needs_base`` (FedAsync mixes in
     ``base + delta``).
     """
 
-    delta: Params
+    delta: Delta
     staleness: int
     num_examples: int
     base: Params | None = None
@@ -143,6 +153,11 @@ class Strategy(Protocol):
         """How many contributions are buffered, not yet in the model."""
         ...
 
+    def changes_model(self, state: object) -> bool:
+        """Whether the next ``step`` makes a new model (O(model) work, worth a thread);
+        otherwise it only buffers the contribution, in O(number of tensors)."""
+        ...
+
     def flush(self, global_: Params, state: object) -> tuple[_NewParams | None, object]:
         """Apply whatever is buffered now: ``(None, state)`` when nothing is.
 
@@ -189,11 +204,15 @@ class _FedAsync:
         if base is None:
             raise ValueError("FedAsync needs Contribution.base (the model the update started from)")
         check_compatible(base, contribution.delta, "delta")
-        local = {name: f32(f32(x) + f32(contribution.delta[name])) for name, x in base.items()}
+        delta = contribution.delta
+        local = {name: f32(f32(x) + f32(dense(delta[name]))) for name, x in base.items()}
         return fedasync_apply(global_, local, contribution.staleness, self._config), None
 
     def pending(self, state: object) -> int:
         return 0
+
+    def changes_model(self, state: object) -> bool:
+        return True
 
     def flush(self, global_: Params, state: object) -> tuple[_NewParams | None, object]:
         return None, state
@@ -231,6 +250,9 @@ class _FedBuff:
 
     def pending(self, state: object) -> int:
         return len(_expect(state, FedBuffState).entries)
+
+    def changes_model(self, state: object) -> bool:
+        return self.pending(state) + 1 >= self._config.buffer_size
 
     def flush(self, global_: Params, state: object) -> tuple[_NewParams | None, object]:
         buffered = _expect(state, FedBuffState)
@@ -280,6 +302,10 @@ class _FedAvg:
 
     def pending(self, state: object) -> int:
         return len(_expect(state, FedAvgState).entries)
+
+    def changes_model(self, state: object) -> bool:
+        # A dense copy of a sparse delta is O(model) too: a thread for those as well.
+        return True
 
     def flush(self, global_: Params, state: object) -> tuple[_NewParams | None, object]:
         entries = _expect(state, FedAvgState).entries

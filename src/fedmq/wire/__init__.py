@@ -18,7 +18,7 @@ from fedmq.wire._control import (
     decode_control,
     encode_control,
 )
-from fedmq.wire._decode import decode_model, decode_update, materialize
+from fedmq.wire._decode import decode_model, decode_update, materialize, materialize_sparse
 from fedmq.wire._delta import (
     SCHEMA_MODEL_DELTA,
     ModelDeltaEnvelope,
@@ -92,6 +92,7 @@ __all__ = [
     "load_private_key",
     "load_public_key",
     "materialize",
+    "materialize_sparse",
     "open_model",
     "open_signed",
     "open_update",

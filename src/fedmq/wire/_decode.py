@@ -8,14 +8,20 @@ allocated before that size has been compared with the bytes actually received.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import msgpack
 import numpy as np
 import numpy.typing as npt
 
-from fedmq.codecs import EncodedTensor, decode_tensor, expected_payload_bytes
+from fedmq.codecs import (
+    EncodedTensor,
+    SparseTensor,
+    decode_tensor,
+    decode_tensor_sparse,
+    expected_payload_bytes,
+)
 from fedmq.errors import Reason, WireError
 from fedmq.wire._envelope import (
     SCHEMA_MODEL,
@@ -26,7 +32,7 @@ from fedmq.wire._envelope import (
     WireLimits,
 )
 
-__all__ = ["decode_model", "decode_update", "materialize"]
+__all__ = ["decode_model", "decode_update", "materialize", "materialize_sparse"]
 
 _UPDATE_FIELDS = (
     "schema",
@@ -253,9 +259,26 @@ def decode_model(
 
 def materialize(tensors: Sequence[EncodedTensor]) -> dict[str, npt.NDArray[np.float32]]:
     """Decode every tensor: name -> float32 array. Raises ``WireError`` only (NON_FINITE...)."""
-    arrays: dict[str, npt.NDArray[np.float32]] = {}
+    return _decode_all(tensors, decode_tensor)
+
+
+def materialize_sparse(
+    tensors: Sequence[EncodedTensor],
+) -> dict[str, npt.NDArray[np.float32] | SparseTensor]:
+    """As ``materialize``, but top-k tensors stay ``SparseTensor`` (the aggregator's cheap
+    path for strategies that sum deltas). The same validation and ``WireError`` reasons."""
+    return _decode_all(tensors, decode_tensor_sparse)
+
+
+_T = TypeVar("_T")
+
+
+def _decode_all(
+    tensors: Sequence[EncodedTensor], decode: Callable[[EncodedTensor], _T]
+) -> dict[str, _T]:
+    arrays: dict[str, _T] = {}
     for t in tensors:
         if t.name in arrays:
             _fail(Reason.TENSOR_MISMATCH, f"{t.name!r} appears twice")
-        arrays[t.name] = decode_tensor(t)
+        arrays[t.name] = decode(t)
     return arrays
