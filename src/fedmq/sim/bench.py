@@ -378,7 +378,9 @@ def _report(
         )
         if hit
         else None,
-        "final_accuracy": points[-1]["accuracy"] if points else None,
+        # The run stops at the target: its final model is the one that reached it. An
+        # evaluation finishing between that one and the stop (latest wins) is not "final".
+        "final_accuracy": (hit or points[-1])["accuracy"] if points else None,
         "best_accuracy": max((p["accuracy"] for p in points), default=None),
         "wall_time_s": end.elapsed_s,
         "version": final.get("version"),
