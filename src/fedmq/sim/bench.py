@@ -160,12 +160,39 @@ async def run_bench(
                     )
                 )
             await _watch(proto, host, devices, ticks, t0, console)
+            # A shutdown that takes too long says what it waits for (a diagnostic only).
+            watchdog = loop.call_later(_SHUTDOWN_WARN_S, _dump_tasks, console)
             for task in drivers:
                 task.cancel()
             for device in devices:
                 device.participant.stop()
         final = await host.stop()
+        watchdog.cancel()
     return _report(config, final, devices, ticks, rounds, full_model_bytes, separate)
+
+
+_SHUTDOWN_WARN_S = 30.0
+
+
+def _dump_tasks(console: Console) -> None:
+    """Print every pending task and where it waits."""
+    tasks = [t for t in asyncio.all_tasks() if not t.done()]
+    console.print(f"shutdown still waiting after {_SHUTDOWN_WARN_S:.0f} s: {len(tasks)} tasks")
+    for task in tasks:
+        console.print(f"  {task.get_name()}: {_awaiting(task.get_coro())}", highlight=False)
+
+
+def _awaiting(coro: object) -> str:
+    """The chain of coroutines (and async generators) ``coro`` waits in, outermost first."""
+    where: list[str] = []
+    while coro is not None and len(where) < 12:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None)
+        if frame is not None:
+            where.append(
+                f"{frame.f_code.co_name} ({Path(frame.f_code.co_filename).name}:{frame.f_lineno})"
+            )
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None)
+    return " -> ".join(where) or repr(coro)
 
 
 async def _close(transport: ParticipantTransport) -> None:

@@ -26,6 +26,9 @@ from fedmq.transport._backoff import Backoff
 from fedmq.transport._base import TransportConfig
 from fedmq.transport._common import LOG, Lifecycle, redact_url
 
+# How long a cancelled broker call, or a closing connection, may take to finish.
+_REAP_S = 5.0
+
 __all__ = ["Session", "SessionLost", "Supervisor"]
 
 T = TypeVar("T")
@@ -73,8 +76,16 @@ class Session:
             lost.cancel()
             if not op.done():
                 op.cancel()
-            # Reap both so no "exception was never retrieved" / pending-task warnings escape.
-            await asyncio.wait((op, lost))
+            # Reap both so no "exception was never retrieved" / pending-task warnings escape,
+            # but never wait forever on a client call that does not end when cancelled:
+            # that would hang whoever cancelled us (a whole TaskGroup at shutdown).
+            _, pending = await asyncio.wait((op, lost), timeout=_REAP_S)
+            if pending:
+                LOG.warning(
+                    "%s: a broker call ignored its cancellation for %.0f s; abandoned",
+                    self.label,
+                    _REAP_S,
+                )
         if op.cancelled():
             raise SessionLost
         return op.result()
@@ -164,8 +175,11 @@ class Supervisor(Generic[S]):
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            await asyncio.wait((task,))
-            if not task.cancelled() and task.exception() is not None:
+            # Bounded, as in Session.guard: a client close that never returns is left behind.
+            await asyncio.wait((task,), timeout=_REAP_S)
+            if not task.done():
+                LOG.warning("%s: the connection did not close within %.0f s", self._label, _REAP_S)
+            elif not task.cancelled() and task.exception() is not None:
                 LOG.error("%s: supervisor died", self._label, exc_info=task.exception())
         if not self._first.done():
             self._first.cancel()
