@@ -107,6 +107,12 @@ def decode_blocks(data: bytes, *, numel: int, bits: int, block: int) -> npt.NDAr
         if full < nblocks:  # the short last block
             tail = slice(full * block, numel)
             np.multiply(q[tail], scales[full], out=values[tail], dtype=np.float32)
-    if not np.isfinite(values).all():
+    # |q| <= 128 and the scales are finite: no product can overflow unless a scale is
+    # within a factor 128 of float32's largest value (only then look at every value).
+    risky = scales.size and float(scales.max()) * 128.0 > _FLOAT32_MAX
+    if risky and not np.isfinite(values).all():
         fail(Reason.NON_FINITE, f"int{bits}: a decoded value overflows float32")
     return values
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
