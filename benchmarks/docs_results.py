@@ -17,6 +17,7 @@ from typing import Any
 
 from fedmq.sim._report import cost_table, protocol_lines, results_table
 from fedmq.sim.suite import goals
+from fedmq.sim.throughput import SETUP, markdown_table
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "benchmarks.md"
@@ -64,16 +65,10 @@ def _throughput(folder: Path) -> list[str]:
     lines = [
         f"### Aggregator ingest: `fedmq bench --throughput` ({doc['date']})",
         "",
-        "| broker | payload | message bytes | messages | bare consumer (msg/s)"
-        " | aggregator (msg/s) | ratio | models published |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        SETUP,
+        "",
+        *markdown_table(doc["results"]),
     ]
-    for r in doc["results"]:
-        lines.append(
-            f"| {r['broker']} | {r['payload']} | {r['message_bytes']:,} | {r['count']}"
-            f" | {r['bare_per_s']:.0f} | {r['aggregator_per_s']:.0f} | {r['ratio']:.2f}"
-            f" | {r['models_published']} |"
-        )
     return [*lines, ""]
 
 
