@@ -73,7 +73,7 @@ def test_round_trip_keeps_strategy_state(tmp_path: Path) -> None:
 
 def test_a_buffered_sparse_delta_survives_a_checkpoint(tmp_path: Path) -> None:
     strategy = make_strategy(FEDBUFF)
-    sparse = SparseTensor((2, 2), np.array([1, 3], dtype=np.int64), np.ones(2, np.float32))
+    sparse = SparseTensor((2, 2), np.array([1, 3], dtype=np.uint32), np.ones(2, np.float32))
     entry = Contribution(
         delta={"w": sparse, "b": np.ones(2, np.float32)}, staleness=0, num_examples=1
     )

@@ -147,8 +147,8 @@ def test_fedbuff_sums_sparse_deltas_as_the_dense_ones_bit_for_bit() -> None:
     sparse: list[Delta] = []
     dense_forms: list[Delta] = []
     for _ in range(3):
-        indices = np.sort(rng.choice(150, 7, replace=False)).astype(np.int64)
-        values = rng.standard_normal(7).astype(np.float32)
+        indices = np.sort(rng.choice(150, 40, replace=False)).astype(np.uint32)
+        values = rng.standard_normal(40).astype(np.float32)
         tensor = SparseTensor((3, 50), indices, values)
         sparse.append({"w": tensor})
         dense_forms.append({"w": tensor.dense()})

@@ -15,7 +15,7 @@ from fedmq.codecs._registry import (
     encode_tensor,
     expected_payload_bytes,
 )
-from fedmq.codecs._sparse import SparseTensor, dense
+from fedmq.codecs._sparse import SparseTensor, add_scaled, dense
 from fedmq.codecs._topk import topk_count
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "EncodedTensor",
     "ErrorFeedback",
     "SparseTensor",
+    "add_scaled",
     "decode_tensor",
     "decode_tensor_sparse",
     "dense",

@@ -103,8 +103,8 @@ def decode_topk_sparse(data: bytes, layout: TopkLayout, numel: int) -> SparseTen
     ``len(data)`` was already checked by the caller.
     """
     k = layout.k
-    indices = np.frombuffer(data, dtype="<u4", count=k).astype(np.int64)
-    if k and (indices[-1] >= numel or (np.diff(indices) <= 0).any()):
+    indices = np.frombuffer(data, dtype="<u4", count=k)  # read-only view of the payload
+    if k and (int(indices[-1]) >= numel or bool((indices[1:] <= indices[:-1]).any())):
         fail(Reason.WRONG_TYPE, "topk: indices must be strictly ascending and < numel")
     rest = data[4 * k :]
     if layout.values == "int8":

@@ -27,7 +27,7 @@ from typing import Literal, get_args
 import numpy as np
 import numpy.typing as npt
 
-from fedmq.codecs import SparseTensor
+from fedmq.codecs import SparseTensor, add_scaled
 from fedmq.strategies._common import (
     Delta,
     Params,
@@ -206,20 +206,25 @@ def fedbuff_flush(
 
 def _weighted_mean(entries: tuple[_Entry, ...], name: str, k: int) -> npt.NDArray[np.float32]:
     """``sum_i w_i * delta_i[name] / k`` in float32, accumulated in place (no temporaries
-    per term beyond one scratch array; the same roundings as the plain sum). A sparse
-    term adds into its own entries only: the same float32 result, in O(k) not O(model)."""
+    per term beyond one scratch array; the same roundings as the plain sum). Sparse terms
+    add into their own entries only (consecutive ones in one call): the same float32
+    result, in O(k) rather than O(model)."""
     first = entries[0][0][name]
     acc = np.zeros(first.shape, dtype=np.float32)
     term: npt.NDArray[np.float32] | None = None
+    sparse: list[tuple[SparseTensor, float]] = []
     for delta, weight in entries:
         tensor = delta[name]
         if isinstance(tensor, SparseTensor):
-            tensor.add_scaled_to(acc, weight)
+            sparse.append((tensor, weight))
             continue
+        add_scaled(acc, sparse)  # the sparse terms before this one, in order
+        sparse = []
         if term is None:
             term = np.empty_like(acc)
         np.multiply(f32(tensor), weight, out=term, dtype=np.float32)
         acc += term
+    add_scaled(acc, sparse)
     acc /= np.float32(k)
     return acc
 
