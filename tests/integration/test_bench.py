@@ -61,7 +61,13 @@ def _check(run: dict[str, Any], config: BenchConfig) -> None:
     assert sum(run["staleness_histogram"].values()) == run["applied"]
     assert run["dropped"]["invalid"] == 0
     assert run["fleet"]["trained"] >= run["fleet"]["published"] > 0
-    assert run["received"] <= run["fleet"]["published"] + run["dropped"]["duplicate"]
+    # A publish in flight when the run stopped may have reached the aggregator without
+    # its confirm reaching the device: it is still in that device's outbox.
+    fleet = run["fleet"]
+    assert (
+        run["received"]
+        <= fleet["published"] + fleet["pending_in_outboxes"] + run["dropped"]["duplicate"]
+    )
     # bytes add up: the aggregator received (at most) what the devices published
     assert 0 < run["uplink_bytes"] <= run["fleet_bytes_published"] * 1.5
     assert run["keyframes"] + run["deltas"] == run["models_published"]
