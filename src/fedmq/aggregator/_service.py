@@ -477,7 +477,8 @@ class Aggregator:
 
     async def _publish_loop(self) -> None:
         while self._publish_wanted:
-            await _sleep_until(self._last_publish + self.config.publish_interval_s)
+            wait = self._last_publish + self.config.publish_interval_s - time.monotonic()
+            await asyncio.sleep(max(0.0, wait))
             self._publish_wanted = False
             await self._publish()
 
@@ -538,12 +539,6 @@ def _squared_norm(tensor: np.ndarray | SparseTensor) -> float:
     if isinstance(tensor, SparseTensor):
         return tensor.squared_norm()
     return float(np.vdot(tensor, tensor))
-
-
-async def _sleep_until(deadline: float) -> None:
-    delay = deadline - time.monotonic()
-    if delay > 0:
-        await asyncio.sleep(delay)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -12,9 +12,28 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["write_results"]
+__all__ = ["target_fields", "write_results"]
 
 Run = dict[str, Any]
+
+
+def target_fields(points: Sequence[Run], target: float) -> tuple[Run | None, Run]:
+    """The first evaluation at ``target`` (None if none), and the report fields it decides.
+
+    A run stops at the target, so its final model is the one that reached it: an
+    evaluation that finished between that one and the stop is not "final".
+    """
+    hit = next((p for p in points if p["accuracy"] >= target), None)
+    last = hit or (points[-1] if points else None)
+    return hit, {
+        "reached_target": hit is not None,
+        "target_accuracy": target,
+        "time_to_target_s": hit["elapsed_s"] if hit else None,
+        "updates_to_target": hit["applied"] if hit else None,
+        "uplink_bytes_to_target": hit["bytes_in"] if hit else None,
+        "final_accuracy": last["accuracy"] if last else None,
+        "best_accuracy": max((p["accuracy"] for p in points), default=None),
+    }
 
 
 def _num(value: float | int | None, fmt: str = ",.0f", unit: str = "") -> str:

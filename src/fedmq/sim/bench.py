@@ -40,6 +40,7 @@ from fedmq.participant.main import split
 from fedmq.sim._display import progress_line, progress_table
 from fedmq.sim._fleet import FleetProtocol, RoundPicker, online_periods, speed_factors
 from fedmq.sim._host import AggregatorHost, HostSpec
+from fedmq.sim._report import target_fields
 from fedmq.transport import ParticipantTransport, TransportConfig, connect_participant
 from fedmq.wire import ModelEnvelope, encode_model
 
@@ -380,7 +381,7 @@ def _report(
 ) -> dict[str, Any]:
     proto = config.protocol
     points = final.get("accuracy", [])
-    hit = next((p for p in points if p["accuracy"] >= proto.target_accuracy), None)
+    hit, at_target = target_fields(points, proto.target_accuracy)
     end = ticks[-1] if ticks else _Tick(0.0, 0, 0, 0)
     rejected: dict[str, int] = dict(final.get("rejected", {}))
     invalid = sum(n for k, n in rejected.items() if k not in ("too_stale", "duplicate"))
@@ -392,11 +393,7 @@ def _report(
         "broker": config.transport.url.split("@")[-1],
         "job": config.transport.job,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "reached_target": hit is not None,
-        "target_accuracy": proto.target_accuracy,
-        "time_to_target_s": hit["elapsed_s"] if hit else None,
-        "updates_to_target": hit["applied"] if hit else None,
-        "uplink_bytes_to_target": hit["bytes_in"] if hit else None,
+        **at_target,
         "downlink_bytes_to_target": round(_at(ticks, hit["elapsed_s"], "bytes_down"))
         if hit
         else None,
@@ -405,10 +402,6 @@ def _report(
         )
         if hit
         else None,
-        # The run stops at the target: its final model is the one that reached it. An
-        # evaluation finishing between that one and the stop (latest wins) is not "final".
-        "final_accuracy": (hit or points[-1])["accuracy"] if points else None,
-        "best_accuracy": max((p["accuracy"] for p in points), default=None),
         "wall_time_s": end.elapsed_s,
         "version": final.get("version"),
         "received": final.get("received"),

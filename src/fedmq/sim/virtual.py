@@ -45,7 +45,7 @@ from fedmq.models import build_model, get_params, set_params, train_local
 from fedmq.participant.main import split
 from fedmq.sim._display import progress_line, progress_table
 from fedmq.sim._fleet import RoundPicker, online_periods, speed_factors
-from fedmq.sim._report import write_results
+from fedmq.sim._report import target_fields, write_results
 from fedmq.sim.bench import BenchConfig
 from fedmq.strategies import Contribution, make_strategy
 from fedmq.wire import (
@@ -441,10 +441,7 @@ def _report(
     bench = config.bench
     proto = bench.protocol
     points = [dataclasses.asdict(p) for p in sim.stats.accuracy]
-    hit_index = next(
-        (k for k, p in enumerate(points) if p["accuracy"] >= proto.target_accuracy), None
-    )
-    hit = points[hit_index] if hit_index is not None else None
+    hit, at_target = target_fields(points, proto.target_accuracy)
     rejected = Counter(sim.stats.rejected)
     virtual_s = sim.now
     return {
@@ -455,15 +452,9 @@ def _report(
         "broker": "none (virtual clock)",
         "job": "-",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "reached_target": hit is not None,
-        "target_accuracy": proto.target_accuracy,
-        "time_to_target_s": hit["elapsed_s"] if hit else None,
-        "updates_to_target": hit["applied"] if hit else None,
-        "uplink_bytes_to_target": hit["bytes_in"] if hit else None,
-        "downlink_bytes_to_target": sim.down_at_eval[hit_index] if hit_index is not None else None,
+        **at_target,
+        "downlink_bytes_to_target": sim.down_at_eval[points.index(hit)] if hit else None,
         "downlink_float32_bytes_to_target": None,
-        "final_accuracy": points[-1]["accuracy"] if points else None,
-        "best_accuracy": max((p["accuracy"] for p in points), default=None),
         "wall_time_s": virtual_s,
         "version": sim.version,
         "received": sim.stats.received,

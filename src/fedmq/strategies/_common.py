@@ -63,30 +63,26 @@ def check_compatible(reference: Params | Delta, other: Params | Delta, what: str
 
 def frozen_delta(delta: Delta) -> dict[str, npt.NDArray[np.float32] | SparseTensor]:
     """``frozen_copy`` for a delta whose sparse tensors are kept as they are (immutable)."""
-    return {
-        name: t if isinstance(t, SparseTensor) else frozen_copy({name: t})[name]
-        for name, t in delta.items()
-    }
+    return {name: t if isinstance(t, SparseTensor) else _frozen(t) for name, t in delta.items()}
 
 
 def frozen_copy(params: Params | Delta) -> dict[str, npt.NDArray[np.float32]]:
-    """float32 copies marked read-only, for state that must not change once built.
+    """float32 copies marked read-only (sparse tensors made dense), for state that must
+    not change once built.
 
     A float32 array that is already read-only is kept as it is, not copied: whoever
     made it read-only hands over an array nobody writes (the aggregator does so with
     each delta it decodes, which saves a copy of the model per update).
     """
-    out = {}
-    for name, tensor in params.items():
-        array = dense(tensor)
-        frozen = isinstance(array, np.ndarray) and not array.flags.writeable
-        if frozen and array.dtype == np.float32:
-            out[name] = array
-            continue
-        copy = np.array(array, dtype=np.float32, copy=True)
-        copy.flags.writeable = False
-        out[name] = copy
-    return out
+    return {name: _frozen(dense(t)) for name, t in params.items()}
+
+
+def _frozen(array: npt.ArrayLike) -> npt.NDArray[np.float32]:
+    if isinstance(array, np.ndarray) and not array.flags.writeable and array.dtype == np.float32:
+        return array
+    copy = np.array(array, dtype=np.float32, copy=True)
+    copy.flags.writeable = False
+    return copy
 
 
 def f32(array: npt.ArrayLike) -> npt.NDArray[np.float32]:
