@@ -29,7 +29,6 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from fedmq.codecs import CodecConfig, encode_params
 from fedmq.models import build_model, get_params
 from fedmq.transport import TransportConfig, connect_participant
 from fedmq.transport.amqp import amqp_names
@@ -37,15 +36,14 @@ from fedmq.transport.mqtt import mqtt_topics
 from fedmq.wire import (
     KeyRing,
     Signer,
-    UpdateEnvelope,
     Verifier,
     create_key_pair,
-    encode_update,
     load_private_key,
     open_model,
     register_public_key,
     tensor_spec_of,
 )
+from tests import updates
 
 SPEC = tensor_spec_of(get_params(build_model("mlp", seed=0)))
 STARTUP_S = 90.0  # importing torch on a loaded CI machine
@@ -186,18 +184,8 @@ def aggregator(url: str, job: str, tmp_path: Path, *extra: str) -> Iterator[Aggr
 
 
 def update(pid: str, seq: int, base: int) -> bytes:
-    delta = {name: np.full(shape, 0.001, np.float32) for name, (shape, _) in SPEC.items()}
-    return encode_update(
-        UpdateEnvelope(
-            participant=pid,
-            seq=seq,
-            base_version=base,
-            num_examples=10,
-            loss=0.5,
-            created=time.time(),
-            tensors=tuple(encode_params(delta, CodecConfig(name="float32"))),
-        )
-    )
+    changes = {name: np.full(shape, 0.001, np.float32) for name, (shape, _) in SPEC.items()}
+    return updates.update(pid, seq, base, changes)
 
 
 def rejected(reason: str) -> str:

@@ -4,39 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import numpy as np
 import pytest
 
 from fedmq.aggregator import Aggregator, AggregatorConfig
-from fedmq.codecs import CodecConfig, encode_params
 from fedmq.strategies import FedAsyncConfig, FedBuffConfig, StalenessConfig, StrategyConfig
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant
 from fedmq.transport.embedded import embedded_broker
-from fedmq.wire import UpdateEnvelope, decode_model, encode_update, materialize
-
-INITIAL = {"w": np.zeros((2, 2), np.float32), "b": np.ones(2, np.float32)}
-
-
-def update(pid: str, seq: int, base: int, delta: Mapping[str, np.ndarray]) -> bytes:
-    tensors = encode_params(delta, CodecConfig(name="float32"))
-    return encode_update(
-        UpdateEnvelope(
-            participant=pid,
-            seq=seq,
-            base_version=base,
-            num_examples=10,
-            loss=0.5,
-            created=time.time(),
-            tensors=tuple(tensors),
-        )
-    )
-
-
-def delta(value: float) -> dict[str, np.ndarray]:
-    return {"w": np.full((2, 2), value, np.float32), "b": np.full(2, value, np.float32)}
+from fedmq.wire import decode_model, materialize
+from tests.updates import INITIAL, delta, update
 
 
 @asynccontextmanager

@@ -19,7 +19,8 @@ from fedmq.codecs import SparseTensor
 from fedmq.strategies import FedBuffConfig, StalenessConfig, StrategyConfig, make_strategy
 from fedmq.strategies._strategy import Contribution
 from fedmq.transport import TransportConfig, connect_aggregator
-from tests.unit.test_aggregator import INITIAL, delta, send, update
+from tests.unit.test_aggregator import send
+from tests.updates import INITIAL, delta, update
 
 FEDBUFF = StrategyConfig(
     name="fedbuff",

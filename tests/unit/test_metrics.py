@@ -5,29 +5,27 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fedmq.aggregator import AccuracyPoint, Aggregator, AggregatorConfig, MetricsServer
 from fedmq.aggregator._histogram import Histogram
 from fedmq.aggregator._metrics import registry_for, render_metrics
-from fedmq.codecs import CodecConfig, encode_params
 from fedmq.errors import ConfigError
 from fedmq.strategies import FedBuffConfig, StalenessConfig, StrategyConfig
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant, send_control
-from fedmq.wire import ControlEnvelope, UpdateEnvelope, encode_control, encode_update
+from fedmq.wire import ControlEnvelope, encode_control
+from tests import updates
+from tests.updates import INITIAL, delta
 
 REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "docker" / "grafana" / "provisioning" / "dashboards" / "fedmq.json"
-INITIAL = {"w": np.zeros((2, 2), np.float32), "b": np.ones(2, np.float32)}
 URL = "memory://metrics"
 FEDBUFF = StrategyConfig(
     name="fedbuff",
@@ -37,18 +35,7 @@ FEDBUFF = StrategyConfig(
 
 
 def update(pid: str, seq: int, base: int) -> bytes:
-    delta = {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}
-    return encode_update(
-        UpdateEnvelope(
-            participant=pid,
-            seq=seq,
-            base_version=base,
-            num_examples=10,
-            loss=0.5,
-            created=time.time(),
-            tensors=tuple(encode_params(delta, CodecConfig(name="float32"))),
-        )
-    )
+    return updates.update(pid, seq, base, delta(1.0))
 
 
 @asynccontextmanager

@@ -18,7 +18,8 @@ import pytest
 from fedmq.aggregator import Aggregator, AggregatorConfig
 from fedmq.aggregator._checkpoint import load_checkpoint
 from fedmq.transport import AggregatorTransport, Delivery, TransportConfig, connect_aggregator
-from tests.unit.test_aggregator import FEDASYNC, INITIAL, delta, send, update
+from tests.unit.test_aggregator import FEDASYNC, send
+from tests.updates import INITIAL, delta, update
 
 
 class SlowModels:

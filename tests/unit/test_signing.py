@@ -35,13 +35,11 @@ from fedmq.wire import (
     PrivateKey,
     SignedEnvelope,
     Signer,
-    UpdateEnvelope,
     Verifier,
     create_key_pair,
     decode_signed,
     encode_model,
     encode_signed,
-    encode_update,
     fingerprint,
     load_private_key,
     load_public_key,
@@ -52,8 +50,9 @@ from fedmq.wire import (
     tensor_spec_of,
 )
 from fedmq.wire.fuzz import mutate
+from tests import updates
+from tests.updates import INITIAL, delta
 
-INITIAL = {"w": np.zeros((2, 2), np.float32), "b": np.ones(2, np.float32)}
 SPEC = tensor_spec_of(INITIAL)
 # RFC 8032, test 1: anyone can check fedmq's signatures against it.
 RFC_SEED = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
@@ -75,19 +74,8 @@ def ring(tmp_path: Path, *keys: PrivateKey, refresh_s: float = 2.0) -> KeyRing:
     return KeyRing(folder, refresh_s=refresh_s)
 
 
-def update(pid: str, seq: int, base: int = 0, value: float = 1.0) -> bytes:
-    delta = {"w": np.full((2, 2), value, np.float32), "b": np.full(2, value, np.float32)}
-    return encode_update(
-        UpdateEnvelope(
-            participant=pid,
-            seq=seq,
-            base_version=base,
-            num_examples=10,
-            loss=0.5,
-            created=time.time(),
-            tensors=tuple(encode_params(delta, CodecConfig(name="float32"))),
-        )
-    )
+def update(pid: str, seq: int) -> bytes:
+    return updates.update(pid, seq, 0, delta(1.0))
 
 
 DEV1, DEV1_NEW, DEV2, ROGUE, AGG = (

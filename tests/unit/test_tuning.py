@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +24,6 @@ from fedmq.aggregator._tuning import (
     strategy_to_dict,
     tuned,
 )
-from fedmq.codecs import CodecConfig, encode_params
 from fedmq.errors import ConfigError, Reason, WireError
 from fedmq.strategies import (
     FedAsyncConfig,
@@ -37,13 +35,12 @@ from fedmq.strategies import (
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant, send_control
 from fedmq.wire import (
     ControlEnvelope,
-    UpdateEnvelope,
     decode_control,
     encode_control,
-    encode_update,
 )
+from tests import updates
+from tests.updates import INITIAL, delta
 
-INITIAL = {"w": np.zeros((2, 2), np.float32), "b": np.ones(2, np.float32)}
 URL = "memory://tuning"
 FEDASYNC = StrategyConfig(
     name="fedasync",
@@ -58,18 +55,7 @@ FEDBUFF = StrategyConfig(
 
 
 def update(pid: str, seq: int, base: int, value: float = 1.0) -> bytes:
-    delta = {"w": np.full((2, 2), value, np.float32), "b": np.full(2, value, np.float32)}
-    return encode_update(
-        UpdateEnvelope(
-            participant=pid,
-            seq=seq,
-            base_version=base,
-            num_examples=10,
-            loss=0.5,
-            created=time.time(),
-            tensors=tuple(encode_params(delta, CodecConfig(name="float32"))),
-        )
-    )
+    return updates.update(pid, seq, base, delta(value))
 
 
 # -- parsing and validation -----------------------------------------------------------------
