@@ -29,6 +29,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import aio_pika
+
+from fedmq.transport.amqp import amqp_names
+
 __all__ = [
     "BROKER_CONFIG",
     "REPO",
@@ -442,3 +446,15 @@ class MosquittoProcess:
         if self._proc is not None:
             _stop_group(self._proc, grace_s=5)
             self._proc = None
+
+
+async def delete_job_queues(url: str, job: str) -> None:
+    """Delete a job's RabbitMQ queues (updates, rejected, models, control), if they exist."""
+    names = amqp_names(job)
+    async with await aio_pika.connect(url) as connection:
+        for name in (names.updates, names.rejected, names.models, names.control):
+            channel = await connection.channel()
+            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
+                await channel.queue_delete(name)
+            if not channel.is_closed:
+                await channel.close()

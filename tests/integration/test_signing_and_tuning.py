@@ -23,15 +23,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aio_pika
 import aiomqtt
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from fedmq.models import build_model, get_params
 from fedmq.transport import TransportConfig, connect_participant
-from fedmq.transport.amqp import amqp_names
 from fedmq.transport.mqtt import mqtt_topics
 from fedmq.wire import (
     KeyRing,
@@ -44,6 +41,8 @@ from fedmq.wire import (
     tensor_spec_of,
 )
 from tests import updates
+from tests.integration.brokers import delete_job_queues
+from tests.prometheus import samples
 
 SPEC = tensor_spec_of(get_params(build_model("mlp", seed=0)))
 STARTUP_S = 90.0  # importing torch on a loaded CI machine
@@ -59,18 +58,7 @@ async def broker(request: pytest.FixtureRequest, job: str) -> AsyncIterator[str]
     """The URL of the real broker of this parameter; what the test left there is removed."""
     url = str(request.getfixturevalue(f"{request.param}_url"))
     yield url
-    await (_delete_queues(url, job) if request.param == "amqp" else _forget_job(url, job))
-
-
-async def _delete_queues(url: str, job: str) -> None:
-    names = amqp_names(job)
-    async with await aio_pika.connect(url) as connection:
-        for name in (names.updates, names.rejected, names.models, names.control):
-            channel = await connection.channel()
-            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
-                await channel.queue_delete(name)
-            if not channel.is_closed:
-                await channel.close()
+    await (delete_job_queues(url, job) if request.param == "amqp" else _forget_job(url, job))
 
 
 async def _forget_job(url: str, job: str) -> None:
@@ -154,12 +142,7 @@ class Aggregator(Process):
                 text = response.read().decode()
         except OSError:
             return {}
-        out = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-        return out
+        return samples(text)
 
     async def until(self, what: str, condition: Callable[[dict[str, float]], bool]) -> None:
         """Poll the metrics until ``condition`` holds; fail with the log if it never does."""
@@ -314,4 +297,4 @@ async def test_amqp_control_commands_of_another_user_are_dropped(
             assert values['fedmq_tuning{knob="alpha"}'] == 0.5
             assert values['fedmq_control_commands_total{result="applied"}'] == 0
     finally:
-        await _delete_queues(amqp_url, job)
+        await delete_job_queues(amqp_url, job)

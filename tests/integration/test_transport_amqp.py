@@ -36,6 +36,7 @@ from fedmq.transport.amqp import (
     AmqpParticipant,
     amqp_names,
 )
+from tests.integration.brokers import delete_job_queues
 
 pytestmark = pytest.mark.amqp
 
@@ -57,18 +58,7 @@ def _config(url: str, job: str, **overrides: Any) -> TransportConfig:
 @pytest.fixture
 async def config(amqp_url: str, job: str) -> AsyncIterator[TransportConfig]:
     yield _config(amqp_url, job)
-    await _delete_queues(amqp_url, job)
-
-
-async def _delete_queues(url: str, job: str) -> None:
-    names = amqp_names(job)
-    async with await aio_pika.connect(url) as connection:
-        for name in (names.updates, names.rejected, names.models, names.control):
-            channel = await connection.channel()
-            with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
-                await channel.queue_delete(name)
-            if not channel.is_closed:
-                await channel.close()
+    await delete_job_queues(amqp_url, job)
 
 
 async def _ready_count(url: str, queue: str) -> int:
@@ -209,7 +199,7 @@ async def test_prefetch_bounds_unacked_deliveries(amqp_url: str, job: str) -> No
             await first.ack()
             assert (await _next(updates)).body == b"u2"
     finally:
-        await _delete_queues(amqp_url, job)
+        await delete_job_queues(amqp_url, job)
 
 
 # -- models ----------------------------------------------------------------------

@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from fedmq.aggregator import AccuracyPoint, Aggregator, AggregatorConfig, MetricsServer
 from fedmq.aggregator._histogram import Histogram
@@ -22,6 +21,8 @@ from fedmq.strategies import FedBuffConfig, StalenessConfig, StrategyConfig
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant, send_control
 from fedmq.wire import ControlEnvelope, encode_control
 from tests import updates
+from tests.prometheus import samples
+from tests.unit.test_aggregator import settled
 from tests.updates import INITIAL, delta
 
 REPO = Path(__file__).resolve().parents[2]
@@ -52,22 +53,6 @@ async def running(job: str) -> AsyncIterator[Aggregator]:
         task = tg.create_task(aggregator.run(tg), name="aggregator")
         yield aggregator
         task.cancel()
-
-
-async def settled(aggregator: Aggregator, count: int) -> None:
-    async with asyncio.timeout(10):
-        while aggregator.stats.applied + aggregator.stats.dropped < count:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-
-
-def samples(text: str) -> dict[str, float]:
-    """``name{label="v",...}`` -> value, labels sorted, from the text exposition."""
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return out
 
 
 async def exercised(job: str) -> tuple[Aggregator, dict[str, float], str]:

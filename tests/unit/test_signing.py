@@ -51,6 +51,7 @@ from fedmq.wire import (
 )
 from fedmq.wire.fuzz import mutate
 from tests import updates
+from tests.unit.test_aggregator import settled
 from tests.updates import INITIAL, delta
 
 SPEC = tensor_spec_of(INITIAL)
@@ -325,12 +326,6 @@ async def running(config: AggregatorConfig, job: str) -> AsyncIterator[Aggregato
         task = tg.create_task(aggregator.run(tg), name="aggregator")
         yield aggregator
         task.cancel()
-
-
-async def settled(aggregator: Aggregator, count: int) -> None:
-    async with asyncio.timeout(10):
-        while aggregator.stats.applied + aggregator.stats.dropped < count:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 async def test_the_service_rejects_unsigned_forged_and_replayed_updates(
