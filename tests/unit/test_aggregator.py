@@ -149,3 +149,23 @@ async def test_fedbuff_advances_once_per_buffer(job: str) -> None:
         # g = (1*1 + 1*3) / 2 = 2; x = 0 + 1.0 * 2
         assert aggregator.version == 1
         np.testing.assert_allclose(aggregator.params["w"], np.full((2, 2), 2.0))
+
+
+async def test_run_returns_when_the_transport_closes(job: str) -> None:
+    # No more updates can come: the service stops as it does when cancelled, settled.
+    config = TransportConfig(url="memory://unit", job=job)
+    async with asyncio.TaskGroup() as tg:
+        transport = connect_aggregator(config)
+        await transport.__aenter__()
+        aggregator = Aggregator(
+            AggregatorConfig(strategy=FEDASYNC, eval_every=0, publish_interval_s=0.0),
+            transport,
+            INITIAL,
+        )
+        task = tg.create_task(aggregator.run(tg), name="aggregator")
+        await send(job, "dev-1", update("dev-1", 0, 0, delta(1.0)))
+        await settled(aggregator, 1)
+        await transport.__aexit__(None, None, None)
+        async with asyncio.timeout(5):
+            await task
+    assert aggregator.stats.applied == 1

@@ -177,19 +177,24 @@ class Aggregator:
         if self.config.checkpoint_dir is not None:
             timer = tg.create_task(self._commit_periodically(), name="checkpoint")
         control = tg.create_task(serve_controls(self, self._transport.controls()), name="control")
-        # Deliveries the broker sent (at most its prefetch window), not yet handled.
-        inbox: asyncio.Queue[Delivery] = asyncio.Queue()
+        # Deliveries the broker sent (at most its prefetch window), not yet handled;
+        # None once the transport has no more (it closed).
+        inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
         receiver = tg.create_task(self._receive(inbox), name="receive")
         handling: asyncio.Future[None] | None = None
         try:
-            while True:
+            while (first := await inbox.get()) is not None:
                 # Batched and pipelined: whatever has arrived (up to _BATCH) decodes in one
                 # worker-thread call while the previous batch is still being applied;
                 # applies stay one at a time, in arrival order. At high rates one thread
                 # round trip per batch instead of per update is most of the saving.
-                batch = [await inbox.get()]
+                batch = [first]
                 while len(batch) < _BATCH and not inbox.empty():
-                    batch.append(inbox.get_nowait())
+                    delivery = inbox.get_nowait()
+                    if delivery is None:
+                        inbox.put_nowait(None)  # the end: after this batch
+                        break
+                    batch.append(delivery)
                 bodies = [delivery.body for delivery in batch]
                 decoding = asyncio.ensure_future(asyncio.to_thread(self._decode_all, bodies))
                 decoding.add_done_callback(_retrieve)
@@ -208,9 +213,10 @@ class Aggregator:
                 await self._commit()
             log_event(_log, "stopped", version=self._version)
 
-    async def _receive(self, inbox: asyncio.Queue[Delivery]) -> None:
+    async def _receive(self, inbox: asyncio.Queue[Delivery | None]) -> None:
         async for delivery in self._transport.updates():
             inbox.put_nowait(delivery)
+        inbox.put_nowait(None)
 
     async def _handle(self, batch: list[Delivery], decoding: _Decoding) -> None:
         decoded = await decoding
