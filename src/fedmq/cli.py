@@ -26,7 +26,7 @@ from typing import Any
 
 from fedmq._log import configure_logging
 from fedmq._options import Option, add_options, resolve_options
-from fedmq.aggregator import AggregatorConfig
+from fedmq.aggregator import AggregatorConfig, BoundsConfig
 from fedmq.codecs import CodecConfig
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.participant import ParticipantConfig
@@ -84,7 +84,14 @@ _DURABILITY = [
     Option("checkpoint_interval", float, 2.0, "... or after this many seconds"),
     Option("shutdown_timeout", float, 30.0, "seconds allowed for a graceful stop"),
     Option("allowed_participants", str, None, "comma-separated allow-list of participant ids"),
-    Option("max_update_norm", float, None, "reject updates with a larger L2 norm"),
+    Option("max_update_norm", float, 1e4, "reject updates with a larger L2 norm (absolute cap)"),
+    Option(
+        "update_norm_factor",
+        float,
+        10.0,
+        "reject updates above this times the median norm of recent ones (0: off)",
+    ),
+    Option("max_num_examples", int, 1_000_000, "reject updates claiming more examples"),
 ]
 _TRAINING = [
     Option("epochs", int, 1, "local epochs per update"),
@@ -258,7 +265,11 @@ def aggregator_config(v: Values) -> AggregatorConfig:
         allowed_participants=frozenset(p.strip() for p in allowed.split(",") if p.strip())
         if allowed
         else None,
-        max_update_norm=v.get("max_update_norm"),
+        bounds=BoundsConfig(
+            max_update_norm=v.get("max_update_norm", 1e4),
+            norm_factor=v.get("update_norm_factor", 10.0),
+            max_num_examples=v.get("max_num_examples", 1_000_000),
+        ),
         model=v["model"],
         seed=v.get("seed", 0),
         strategy=strategy_config(v),

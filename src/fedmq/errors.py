@@ -54,7 +54,9 @@ class Reason(enum.StrEnum):
     FUTURE_BASE = "future_base"  # base version newer than the aggregator's model
     UNKNOWN_PARTICIPANT = "unknown_participant"
     PARTICIPANT_MISMATCH = "participant_mismatch"  # envelope id differs from the topic / key
-    NORM_BOUND = "norm_bound"
+    NORM_BOUND = "norm_bound"  # L2 norm above the absolute cap or the recent-median bound
+    EXAMPLES_BOUND = "examples_bound"  # num_examples above max_num_examples
+    NON_FINITE_MODEL = "non_finite_model"  # applying it would make the model NaN or Inf
     BAD_SIGNATURE = "bad_signature"  # does not verify (tampered, wrong key, malformed sig)
     UNSIGNED = "unsigned"  # keys are configured, and the message is not signed
     UNKNOWN_KEY = "unknown_key"  # signed by a key id the registry does not hold

@@ -17,7 +17,9 @@ stopped with SIGTERM (graceful: final checkpoint). ``reconcile`` then checks, fr
 log events alone, that every update a device published (``published``: confirmed by the
 broker) was applied exactly once (``committed``: covered by a durable checkpoint) or
 refused with a reason (``rejected``). A ``duplicate`` refusal of an update that was
-never applied is not a reason: it is counted as lost.
+never applied is not a reason: it is counted as lost. Nor is a refusal that the
+aggregator's own restart can cause (``RESTART_CAUSED``: a base it should know was not
+known to it): an honest device's update refused that way is lost too.
 
 Used by tests/integration/test_chaos.py (short) and benchmarks/chaos.py (any length).
 """
@@ -244,6 +246,16 @@ def make_plan(config: ChaosConfig) -> list[Fault]:
 
 # -- reconciliation -----------------------------------------------------------------------
 
+# Refusals that only an aggregator which forgot what it published can give an honest
+# device: a base "in the future", or a base it no longer holds though it is within
+# max_staleness. Through chaos they count as losses, not as reasons.
+RESTART_CAUSED = ("future_base", "no longer held")
+
+
+def restart_caused(reason: str, detail: str) -> bool:
+    """Whether a refusal is one the aggregator's own restart could have caused."""
+    return reason == RESTART_CAUSED[0] or RESTART_CAUSED[1] in detail
+
 
 @dataclass(kw_only=True)
 class Row:
@@ -400,6 +412,7 @@ def reconcile(
             for seq in seqs:
                 final_at.setdefault((pid, seq), ts)
     reasons: dict[tuple[str, int], list[tuple[float, str]]] = collections.defaultdict(list)
+    forgotten: set[tuple[str, int]] = set()  # refused for a reason the restart caused
     for run in aggregator_runs:
         for event in run:
             if event["event"] != "rejected":
@@ -409,6 +422,8 @@ def reconcile(
                 problems.append(f"rejection without participant and seq: {event}")
                 continue
             reasons[(sender, number)].append((event["ts"], event["reason"]))
+            if restart_caused(event["reason"], str(event.get("detail", ""))):
+                forgotten.add((sender, number))
     for (pid, seq), why in reasons.items():
         row = rows.setdefault(pid, Row(participant=pid))
         if seq in row.applied:
@@ -417,9 +432,10 @@ def reconcile(
             if late:
                 problems.append(f"{pid} seq {seq} was applied, then refused as {late}")
             continue
-        # A duplicate of something never applied is no reason: that update is lost.
+        # A duplicate of something never applied is no reason: that update is lost. So is a
+        # refusal the aggregator's own restart caused.
         real = [r for _, r in why if r != "duplicate"]
-        if real:
+        if real and (pid, seq) not in forgotten:
             row.rejected[seq] = real[-1]
     for row in rows.values():
         seen = set(row.applied) | set(row.rejected)

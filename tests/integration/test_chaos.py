@@ -178,6 +178,29 @@ def test_reconcile_judges_a_refusal_by_when_it_happened() -> None:
     assert rec.problems == ["a seq 1 was applied, then refused as ['future_base']"]
 
 
+def test_reconcile_counts_a_refusal_the_restart_caused_as_lost() -> None:
+    runs = [
+        [_ev("committed", commit=1, version=3, applied={"a": [0]})],
+        [
+            _ev("resumed", version=3, commit=1, last_applied={"a": [0]}),
+            # The previous run published versions 4 and 5 that this one does not know.
+            _ev("rejected", participant="a", seq=1, reason="future_base", detail="base 5 > 3"),
+            _ev(
+                "rejected",
+                participant="a",
+                seq=2,
+                reason="too_stale",
+                detail="base version 2 is no longer held",
+            ),
+            _ev("rejected", participant="a", seq=3, reason="too_stale", detail="staleness 60 > 50"),
+        ],
+    ]
+    rec = reconcile(runs, {"a": _published("a", 0, 1, 2, 3)})
+    assert rec.rows[0].lost == {1, 2}
+    assert rec.rows[0].rejected == {3: "too_stale"}
+    assert not rec.ok
+
+
 def test_plan_is_seeded() -> None:
     config = ChaosConfig(transport="mqtt", seed=7)
     plan = make_plan(config)

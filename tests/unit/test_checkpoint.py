@@ -45,7 +45,6 @@ def test_round_trip_keeps_strategy_state(tmp_path: Path) -> None:
         Checkpoint(
             version=1,
             params=params,
-            history={1: params},
             strategy_state=state,
             last_seq={"dev-1": 3},
             counters={"applied": 4},
@@ -81,9 +80,7 @@ def test_a_buffered_sparse_delta_survives_a_checkpoint(tmp_path: Path) -> None:
     _, state = strategy.step(dict(INITIAL), strategy.init_state(), entry)
     save_checkpoint(
         tmp_path,
-        Checkpoint(
-            version=0, params=INITIAL, history={}, strategy_state=state, last_seq={}, counters={}
-        ),
+        Checkpoint(version=0, params=INITIAL, strategy_state=state, last_seq={}, counters={}),
     )
     loaded = load_checkpoint(tmp_path)
     assert loaded is not None

@@ -1,5 +1,6 @@
 """The aggregator service: consume updates, apply a strategy, republish the model."""
 
+from fedmq.aggregator._bounds import BoundsConfig
 from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._downlink import Downlink, DownlinkConfig
 from fedmq.aggregator._evaluator import Evaluator
@@ -13,6 +14,7 @@ __all__ = [
     "AggregatorCollector",
     "AggregatorConfig",
     "AggregatorStats",
+    "BoundsConfig",
     "Downlink",
     "DownlinkConfig",
     "Evaluator",

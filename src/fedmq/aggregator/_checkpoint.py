@@ -1,15 +1,20 @@
 """The aggregator's durable state: one file, replaced atomically.
 
 A checkpoint holds everything needed to carry on as if nothing happened: the
-model and its version, the published versions a participant may still train
-from, the strategy state (FedBuff buffer, server optimizer moments, a FedAvg
-round in progress), each participant's highest applied sequence number, the
-counters, and the strategy configuration an operator put in force live, if any
-(``fedmq ctl``; it wins over the command line on restore, see _tuning.py).
+model and its version, the strategy state (FedBuff buffer, server optimizer
+moments, a FedAvg round in progress), each participant's highest applied
+sequence number, the counters, and the strategy configuration an operator put
+in force live, if any (``fedmq ctl``; it wins over the command line on
+restore, see _tuning.py). The published versions a participant may still train
+from are not in it: each is made durable on its own before it goes out
+(_versions.py), so none can be newer than what a restart knows.
 
-Format: a msgpack map (``schema: "fedmq.checkpoint/1"``); arrays as an ext
+Format: a msgpack map (``schema: "fedmq.checkpoint/2"``); arrays as an ext
 type holding dtype, shape and the raw little-endian bytes; strategy state
-dataclasses by name from a fixed registry. Never pickle: a checkpoint is data.
+dataclasses as another ext type holding their name (from a fixed registry) and
+fields. Ext types, not marked maps: a map can hold keys that came from the
+network (participant ids), and no such value may ever read back as structure.
+Never pickle: a checkpoint is data.
 """
 
 from __future__ import annotations
@@ -31,9 +36,10 @@ from fedmq.strategies import FedAvgState, FedBuffState
 
 __all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
 
-SCHEMA = "fedmq.checkpoint/1"
+SCHEMA = "fedmq.checkpoint/2"
 FILENAME = "aggregator.ckpt"
 _ARRAY = 1  # msgpack ext code for an ndarray
+_STATE = 2  # msgpack ext code for a strategy state dataclass: [name, {field: value}]
 # The dataclasses a checkpoint may hold (strategy state; FedBuff may buffer sparse deltas).
 _STATES: dict[str, type] = {
     "FedBuffState": FedBuffState,
@@ -52,7 +58,6 @@ class Checkpoint:
 
     version: int
     params: Mapping[str, np.ndarray]
-    history: Mapping[int, Mapping[str, np.ndarray]]
     strategy_state: object
     last_seq: Mapping[str, int]
     counters: Mapping[str, Any] = field(default_factory=dict)
@@ -68,7 +73,6 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "schema": SCHEMA,
         "version": checkpoint.version,
         "params": dict(checkpoint.params),
-        "history": {str(v): dict(p) for v, p in checkpoint.history.items()},
         "strategy_state": checkpoint.strategy_state,
         "last_seq": dict(checkpoint.last_seq),
         "counters": dict(checkpoint.counters),
@@ -76,8 +80,21 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "created": checkpoint.created,
     }
     path = directory / FILENAME
-    atomic_write(path, msgpack.packb(document, default=_encode, use_bin_type=True))
+    atomic_write(path, pack(document))
     return path
+
+
+def pack(document: object) -> bytes:
+    """msgpack with the checkpoint's ext types (arrays, strategy state)."""
+    data: bytes = msgpack.packb(document, default=_encode, use_bin_type=True)
+    return data
+
+
+def unpack(data: bytes) -> Any:
+    """The inverse of ``pack``; raises ValueError (or msgpack's errors) on bad input."""
+    return msgpack.unpackb(
+        data, ext_hook=_decode_ext, strict_map_key=False, use_list=False, raw=False
+    )
 
 
 def load_checkpoint(directory: Path) -> Checkpoint | None:
@@ -86,20 +103,13 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     if not path.exists():
         return None
     try:
-        document = msgpack.unpackb(
-            path.read_bytes(),
-            ext_hook=_decode_ext,
-            object_hook=_decode_object,
-            strict_map_key=False,
-            use_list=False,
-            raw=False,
-        )
-        if document.get("schema") != SCHEMA:
-            raise CheckpointError(f"{path}: unknown schema {document.get('schema')!r}")
+        document = unpack(path.read_bytes())
+        if not isinstance(document, dict) or document.get("schema") != SCHEMA:
+            schema = document.get("schema") if isinstance(document, dict) else None
+            raise CheckpointError(f"{path}: unknown schema {schema!r} (this fedmq reads {SCHEMA})")
         return Checkpoint(
             version=document["version"],
             params=document["params"],
-            history={int(v): p for v, p in document["history"].items()},
             strategy_state=document["strategy_state"],
             last_seq=document["last_seq"],
             counters=document["counters"],
@@ -117,13 +127,16 @@ def _encode(value: object) -> object:
         return msgpack.ExtType(_ARRAY, header + array.tobytes())
     if dataclasses.is_dataclass(value) and type(value).__name__ in _STATES:
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        return {"__state__": type(value).__name__, **fields}
+        return msgpack.ExtType(_STATE, pack([type(value).__name__, fields]))
     if isinstance(value, Mapping):  # read-only mapping proxies in strategy state
         return dict(value)
     raise TypeError(f"cannot checkpoint {type(value).__name__}")
 
 
 def _decode_ext(code: int, data: bytes) -> object:
+    if code == _STATE:
+        name, fields = unpack(data)
+        return _STATES[name](**fields)
     if code != _ARRAY:
         raise ValueError(f"unknown ext type {code}")
     unpacker = msgpack.Unpacker(raw=False)
@@ -131,11 +144,3 @@ def _decode_ext(code: int, data: bytes) -> object:
     dtype, shape = unpacker.unpack()
     array = np.frombuffer(data, dtype=np.dtype(dtype), offset=unpacker.tell())
     return array.reshape(shape)  # read-only, like the strategies' own copies
-
-
-def _decode_object(document: dict[str, Any]) -> object:
-    name = document.get("__state__")
-    if name is None:
-        return document
-    fields = {k: v for k, v in document.items() if k != "__state__"}
-    return _STATES[name](**fields)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedmq.aggregator._bounds import BoundsConfig
 from fedmq.aggregator._downlink import DownlinkConfig
 from fedmq.errors import ConfigError
 from fedmq.strategies import StrategyConfig
@@ -29,7 +30,7 @@ class AggregatorConfig:
     settled updates or ``checkpoint_interval_s`` seconds, whichever comes first).
     Without it nothing survives a restart and updates are acked at once.
     ``allowed_participants``: if set, updates from anyone else are rejected.
-    ``max_update_norm``: if set, updates whose L2 norm exceeds it are rejected.
+    ``bounds``: the largest update norm and example count admitted (_bounds.py).
     ``downlink``: models in full float32 (the default) or as compressed deltas.
     ``update_verifier``: if set, only updates signed by a registered device key are
     applied (``fedmq.signed/1``); ``model_signer``: if set, every model is signed.
@@ -48,7 +49,7 @@ class AggregatorConfig:
     checkpoint_interval_s: float = 2.0
     shutdown_timeout_s: float = 30.0
     allowed_participants: frozenset[str] | None = None
-    max_update_norm: float | None = None
+    bounds: BoundsConfig = field(default_factory=BoundsConfig)
     downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
     update_verifier: Verifier | None = None
     model_signer: Signer | None = None
@@ -70,5 +71,3 @@ class AggregatorConfig:
             raise ConfigError(f"checkpoint_interval: {self.checkpoint_interval_s} must be > 0")
         if not self.shutdown_timeout_s > 0:
             raise ConfigError(f"shutdown_timeout: {self.shutdown_timeout_s} must be > 0")
-        if self.max_update_norm is not None and not self.max_update_norm > 0:
-            raise ConfigError(f"max_update_norm: {self.max_update_norm} must be > 0")

@@ -13,6 +13,10 @@ covers its effect. A crash before that makes the broker redeliver it to a
 service restored from the previous checkpoint, which did not include it; a
 redelivery of an update the checkpoint did include is refused as a duplicate by
 its (participant, sequence number).
+
+Versions: with a checkpoint directory, every model version is durable before it is
+published (_versions.py). A restarted service knows every version a device can hold,
+applies updates based on any of them, and numbers its next model above all of them.
 """
 
 from __future__ import annotations
@@ -28,7 +32,13 @@ from typing import Any
 import numpy as np
 
 from fedmq._log import log_event
-from fedmq.aggregator._checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedmq.aggregator._bounds import UpdateBounds
+from fedmq.aggregator._checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._downlink import Downlink
 from fedmq.aggregator._stats import AccuracyPoint, AggregatorStats
@@ -40,6 +50,7 @@ from fedmq.aggregator._tuning import (
     strategy_from_dict,
     strategy_to_dict,
 )
+from fedmq.aggregator._versions import VersionStore
 from fedmq.codecs import CodecConfig, SparseTensor, encode_params
 from fedmq.errors import Reason, RejectedUpdate, Rejection
 from fedmq.strategies import Contribution, Delta, StrategyConfig, make_strategy
@@ -96,6 +107,7 @@ class Aggregator:
         # them (the downlink view): FedAsync needs the base to form x_local = base + delta.
         self._history: OrderedDict[int, Params] = OrderedDict()
         self._last_seq: dict[str, int] = {}
+        self._bounds = UpdateBounds(config.bounds)
         self._evaluate = evaluate
         self._eval_task: asyncio.Task[None] | None = None
         self._publish_task: asyncio.Task[None] | None = None
@@ -112,10 +124,31 @@ class Aggregator:
         self._commits = 0
         self._last_applied: dict[str, list[int]] = {}
         self.resumed_from: int | None = None
+        self._versions: VersionStore | None = None
         if config.checkpoint_dir is not None:
+            self._versions = VersionStore(config.checkpoint_dir)
             checkpoint = load_checkpoint(config.checkpoint_dir)
             if checkpoint is not None:
                 self._restore(checkpoint)
+            self._restore_versions(self._versions)
+
+    def _restore_versions(self, store: VersionStore) -> None:
+        """Every version an earlier process published, and a first version above them all.
+
+        The checkpoint may be older than the last publish (a crash in between): the
+        model is the checkpoint's, but its number must be new, since devices may hold
+        any stored version (and the checkpoint's own number may have gone out as a
+        delta view, not as this exact model)."""
+        published = store.load()
+        if not published:
+            return
+        floor = max(published)
+        keep = floor - self._strategy.max_staleness
+        self._history = OrderedDict(sorted((v, p) for v, p in published.items() if v >= keep))
+        if self._version <= floor:
+            log_event(_log, "version_floor", restored=self._version, published=floor)
+            self._version = floor + 1
+            self.stats.version = self._version
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         if checkpoint.strategy:
@@ -126,10 +159,14 @@ class Aggregator:
             log_event(_log, "tuning_restored", changes={k: list(v) for k, v in diff.items()})
         self._version = checkpoint.version
         self._params = dict(checkpoint.params)
-        self._history = OrderedDict(sorted((v, dict(p)) for v, p in checkpoint.history.items()))
         self._state = checkpoint.strategy_state
         self._last_seq = dict(checkpoint.last_seq)
+        if not _finite(self._params):
+            raise CheckpointError(
+                f"{self.config.checkpoint_dir}: the checkpoint's model holds NaN or Inf"
+            )
         counters = checkpoint.counters
+        self._bounds = UpdateBounds(self.config.bounds, counters.get("recent_norms", ()))
         self.stats.version = self._version
         self.stats.received = counters.get("received", 0)
         self.stats.applied = counters.get("applied", 0)
@@ -248,17 +285,18 @@ class Aggregator:
                 # which cannot hold it yet): its view is the base the strategy needs.
                 await asyncio.shield(self._publish_task)
             seq = update.seq
-            contribution = self._admit(update, delta, delivery.participant_hint)
+            contribution, norm = self._admit(update, delta, delivery.participant_hint)
             if self._strategy.changes_model(self._state):
-                new_params, self._state = await asyncio.to_thread(
-                    self._strategy.step, self._params, self._state, contribution
+                new_params, state = await asyncio.to_thread(
+                    _checked_step, self._strategy.step, self._params, self._state, contribution
                 )
             else:  # only buffered: cheaper here than a round trip to a worker thread
-                new_params, self._state = self._strategy.step(
-                    self._params, self._state, contribution
-                )
+                new_params, state = self._strategy.step(self._params, self._state, contribution)
             if new_params is None and self._round_due():
-                new_params, self._state = self._strategy.flush(self._params, self._state)
+                new_params, state = _checked_step(
+                    lambda p, s, _: self._strategy.flush(p, s), self._params, state, None
+                )
+            self._state = state  # only now: a refused step leaves model and state as they were
         except Rejection as rejection:
             self.stats.rejected[rejection.reason.value] += 1
             log_event(
@@ -273,6 +311,7 @@ class Aggregator:
             await self._settle_later(delivery, rejection, None)
             return
         self._last_seq[update.participant] = update.seq
+        self._bounds.accepted(norm)
         self.stats.applied += 1
         self.stats.staleness[contribution.staleness] += 1
         self.stats.participants.add(update.participant)
@@ -389,7 +428,6 @@ class Aggregator:
         return Checkpoint(
             version=self._version,
             params=self._params,
-            history=dict(self._history),
             strategy_state=self._state,
             last_seq=dict(self._last_seq),
             counters={
@@ -399,6 +437,7 @@ class Aggregator:
                 "staleness": {str(k): n for k, n in self.stats.staleness.items()},
                 "commits": self._commits,
                 "last_applied": self._last_applied,
+                "recent_norms": self._bounds.recent,
             },
             strategy=strategy_to_dict(self._tuned) if self._tuned is not None else {},
         )
@@ -425,8 +464,10 @@ class Aggregator:
                 tensor.flags.writeable = False
         return update, delta
 
-    def _admit(self, update: UpdateEnvelope, delta: Delta, hint: str | None) -> Contribution:
-        """Policy checks on a well-formed update; raises RejectedUpdate."""
+    def _admit(
+        self, update: UpdateEnvelope, delta: Delta, hint: str | None
+    ) -> tuple[Contribution, float]:
+        """Policy checks on a well-formed update, and its L2 norm; raises RejectedUpdate."""
         pid = update.participant
         allowed = self.config.allowed_participants
         if allowed is not None and pid not in allowed:
@@ -447,11 +488,8 @@ class Aggregator:
             raise RejectedUpdate(
                 Reason.TOO_STALE, f"staleness {staleness} > {self._strategy.max_staleness}"
             )
-        bound = self.config.max_update_norm
-        if bound is not None:
-            norm = float(np.sqrt(sum(_squared_norm(t) for t in delta.values())))
-            if norm > bound:
-                raise RejectedUpdate(Reason.NORM_BOUND, f"L2 norm {norm:.4g} > {bound:.4g}")
+        norm = float(np.sqrt(sum(_squared_norm(t) for t in delta.values())))
+        self._bounds.check(norm, update.num_examples)
         base = None
         if self._strategy.needs_base:
             base = self._history.get(update.base_version)
@@ -459,9 +497,10 @@ class Aggregator:
                 raise RejectedUpdate(
                     Reason.TOO_STALE, f"base version {update.base_version} is no longer held"
                 )
-        return Contribution(
+        contribution = Contribution(
             delta=delta, staleness=staleness, num_examples=update.num_examples, base=base
         )
+        return contribution, norm
 
     async def _advance(self, new_params: Params) -> None:
         self._params = new_params
@@ -493,6 +532,10 @@ class Aggregator:
         body, view, keyframe = await asyncio.to_thread(self._downlink.encode, version, params)
         # Held before it goes out: an update citing it can never arrive first.
         self._history[version] = view
+        if self._versions is not None:  # durable before it goes out: a restart knows it
+            await asyncio.to_thread(
+                _store_version, self._versions, version, view, self._strategy.max_staleness
+            )
         if self.config.model_signer is not None:
             body = await asyncio.to_thread(self.config.model_signer.seal, body)
         if keyframe:
@@ -542,9 +585,37 @@ _BATCH = 32
 
 
 def _squared_norm(tensor: np.ndarray | SparseTensor) -> float:
-    if isinstance(tensor, SparseTensor):
-        return tensor.squared_norm()
-    return float(np.vdot(tensor, tensor))
+    values = tensor.values if isinstance(tensor, SparseTensor) else tensor
+    # In float64: a float32 sum of squares overflows long before the values do.
+    flat = np.asarray(values, dtype=np.float64).ravel()
+    return float(np.dot(flat, flat))
+
+
+def _finite(params: Mapping[str, np.ndarray]) -> bool:
+    return all(bool(np.isfinite(v).all()) for v in params.values())
+
+
+_Step = Callable[[Params, Any, Any], tuple[Params | None, Any]]
+
+
+def _checked_step(step: _Step, params: Params, state: Any, contribution: Any) -> tuple[Any, Any]:
+    """``step(params, state, contribution)``, refused if the new model is not finite.
+
+    Bounded updates keep it finite; this is the last line: a NaN or Inf model must never
+    be applied, checkpointed or published (restarting from it would fail the same way).
+    Strategies never mutate their inputs, so refusing leaves model and state untouched.
+    """
+    new_params, new_state = step(params, state, contribution)
+    if new_params is not None and not _finite(new_params):
+        raise RejectedUpdate(Reason.NON_FINITE_MODEL, "applying it makes the model NaN or Inf")
+    return new_params, new_state
+
+
+def _store_version(
+    store: VersionStore, version: int, view: Mapping[str, np.ndarray], max_staleness: int
+) -> None:
+    store.put(version, view)
+    store.prune(below=version - max_staleness)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

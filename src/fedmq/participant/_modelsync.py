@@ -5,9 +5,22 @@ and is kept as a base. A delta (``fedmq.model-delta/1``) applies only on top of 
 its ``base_version`` (the last keyframe taken, or the version held), in float32 as the
 aggregator computed its own view; any other delta is skipped and the device waits for
 the next keyframe, so what it holds is always what the aggregator thinks it holds.
+
+"Newer" is judged by publication time as well as by number (docs/wire-format.md 3.2):
+
+- a message of a higher version is taken only if it was not published before what is
+  held (``SAME_LINE_SLACK_S`` of clock wobble allowed): an old message replayed by a
+  stream or a reconnect never takes a device back;
+- a keyframe published later than what is held is taken whatever its number: an
+  aggregator restarted without its state (or from an older backup) starts a lower
+  line, and its devices follow it instead of waiting for numbers it may never reach;
+- what is held counts as published no later than when it arrived here, so a model
+  stamped far in the future (a forged one) cannot keep a device from the next real one.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +37,10 @@ __all__ = ["ModelView"]
 
 Params = dict[str, npt.NDArray[np.float32]]
 
+# How far back a newer version's publication time may be from the held one's (the
+# aggregator's clock stepping back a little) and still count as the same line.
+SAME_LINE_SLACK_S = 5.0
+
 
 class ModelView:
     """The newest model version held and its parameters. Not thread-safe."""
@@ -38,16 +55,29 @@ class ModelView:
         self.keyframes = 0
         self.deltas = 0
         self.skipped = 0  # deltas whose base was not held: waiting for a keyframe
+        self.rebased = 0  # keyframes of a lower version taken: the aggregator started anew
+        # When what is held was published, as far as this device can vouch for it.
+        self._published: float | None = None
 
-    def accept(self, body: bytes) -> tuple[int, Params] | None:
+    def accept(self, body: bytes, *, now: float | None = None) -> tuple[int, Params] | None:
         """Take one model message; the new ``(version, params)``, or None if it changes nothing.
 
+        ``now``: this device's clock (unix seconds) when the message arrived.
         Raises ``WireError`` for bytes that are not a valid model or delta.
         """
         self.received += 1
         envelope = decode_any_model(body, spec=self._spec, limits=self._limits)
-        if self.version is not None and envelope.version <= self.version:
-            return None  # a repeat or an older message (stream replay, reconnect)
+        keyframe = isinstance(envelope, ModelEnvelope)
+        if self.version is not None and self._published is not None:
+            newer = (
+                envelope.version > self.version
+                and envelope.created >= self._published - SAME_LINE_SLACK_S
+            )
+            later_line = keyframe and envelope.created > self._published
+            if not (newer or later_line):
+                return None  # a repeat or an older message (stream replay, reconnect)
+            if not newer:
+                self.rebased += 1
         if isinstance(envelope, ModelEnvelope):
             params = materialize(envelope.tensors)
             self._key = (envelope.version, params)
@@ -64,4 +94,6 @@ class ModelView:
             params = {name: np.add(base[name], decoded[name], dtype=np.float32) for name in base}
             self.deltas += 1
         self.version, self.params = envelope.version, params
+        arrived = time.time() if now is None else now
+        self._published = min(envelope.created, arrived)
         return envelope.version, params
