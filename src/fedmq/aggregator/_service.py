@@ -605,7 +605,8 @@ def _checked_step(step: _Step, params: Params, state: Any, contribution: Any) ->
     be applied, checkpointed or published (restarting from it would fail the same way).
     Strategies never mutate their inputs, so refusing leaves model and state untouched.
     """
-    new_params, new_state = step(params, state, contribution)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is what is checked next
+        new_params, new_state = step(params, state, contribution)
     if new_params is not None and not _finite(new_params):
         raise RejectedUpdate(Reason.NON_FINITE_MODEL, "applying it makes the model NaN or Inf")
     return new_params, new_state
