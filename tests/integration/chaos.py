@@ -451,16 +451,20 @@ class VersionCheck:
 
     resumed: list[int]  # the version each restarted run resumed from
     final: int  # the last committed version
-    republished: list[int]  # per restart: versions published before the kill, not checkpointed
+    # per restart: versions published before the kill that no checkpoint covered (the
+    # restarted run numbers its models above them: they must never be published again)
+    uncovered: list[int]
     problems: list[str]
 
 
 def check_versions(aggregator_runs: Sequence[Sequence[Event]]) -> VersionCheck:
-    """Committed versions never decrease, and each restart resumes at or past the last one."""
+    """Committed versions never decrease, each restart resumes at or past the last one, and
+    no version number is ever published twice (by any run)."""
     problems: list[str] = []
     resumed: list[int] = []
-    republished: list[int] = []
+    uncovered: list[int] = []
     last_committed = 0
+    highest_published = -1
     for index, run in enumerate(aggregator_runs):
         if index:
             starts = [e["version"] for e in run if e["event"] == "resumed"]
@@ -471,13 +475,19 @@ def check_versions(aggregator_runs: Sequence[Sequence[Event]]) -> VersionCheck:
                     f"run {index} resumed at version {start} < committed {last_committed}"
                 )
             before = [e["version"] for e in aggregator_runs[index - 1] if e["event"] == "published"]
-            republished.append(max(0, max(before, default=0) - start))
+            uncovered.append(max(0, max(before, default=0) - start))
             last_committed = max(last_committed, start)
         published = [e["version"] for e in run if e["event"] == "published"]
         if published != sorted(set(published)):
             problems.append(f"run {index} published versions out of order")
         if index and published and published[0] < resumed[-1]:
             problems.append(f"run {index} published {published[0]} below its resumed version")
+        if published and published[0] <= highest_published:
+            problems.append(
+                f"run {index} published version {published[0]} again "
+                f"(an earlier run published up to {highest_published})"
+            )
+        highest_published = max([highest_published, *published])
         for event in run:
             if event["event"] == "committed":
                 if event["version"] < last_committed:
@@ -486,7 +496,7 @@ def check_versions(aggregator_runs: Sequence[Sequence[Event]]) -> VersionCheck:
                     )
                 last_committed = max(last_committed, event["version"])
     return VersionCheck(
-        resumed=resumed, final=last_committed, republished=republished, problems=problems
+        resumed=resumed, final=last_committed, uncovered=uncovered, problems=problems
     )
 
 
@@ -533,8 +543,8 @@ class ChaosReport:
             "",
             f"lost {rec.lost}, applied twice {rec.doubly_applied} (both must be 0)",
             f"versions: resumed at {self.versions.resumed}, final {self.versions.final}; "
-            f"published but not checkpointed before each kill (redone): "
-            f"{self.versions.republished}",
+            f"published but not checkpointed before each kill (numbered above on restart): "
+            f"{self.versions.uncovered}",
             f"final checkpoint: accuracy {self.accuracy:.4f} on {c.eval_examples} test images "
             f"(target {c.target_accuracy}); last evaluated by the aggregator "
             f"{self.last_evaluated}; last_seq matches the audit: {self.checkpoint_matches}",
