@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import logging
-from urllib.parse import urlsplit, urlunsplit
 
 from fedmq.errors import ClosedResourceError, ConfigError, PayloadTooLarge
 
@@ -74,11 +73,16 @@ def check_participant_id(participant_id: str) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, fit for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL without its password, fit for logs, reports and error messages.
+
+    Done on the text, not by a URL parser: a password holding an unescaped ``#``, ``/``
+    or ``?`` would otherwise land partly in the path or the fragment, and a bad port
+    would raise. Everything between the user name and the last ``@`` goes, so an odd
+    URL loses more than its password, never less.
+    """
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    user, colon, _ = rest[: max(at, 0)].partition(":")
+    if not sep or not colon:
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    return f"{scheme}://{user}:***@{rest[at + 1 :]}"
