@@ -1,8 +1,9 @@
-"""What real ``fedmq`` processes write, over the real brokers: no password, no forged line.
+"""What real ``fedmq`` processes expose, over the real brokers.
 
 The aggregator and a participant run as their own processes with a password in the
 broker URL, logging text or JSON; ``fedmq demo`` writes its report. The password must
 appear nowhere. A value from the network (an AMQP header) must not start a log line.
+The metrics endpoint listens on loopback unless told otherwise.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +25,7 @@ import pytest
 
 from fedmq.transport.amqp import amqp_names
 from fedmq.transport.mqtt import mqtt_topics
-from tests.integration.brokers import delete_job_queues
+from tests.integration.brokers import delete_job_queues, free_port
 from tests.integration.fleet import FedmqProcess, wait_for
 
 STARTUP_S = 120.0  # importing torch on a loaded machine, then one round of training
@@ -192,3 +194,40 @@ def test_a_header_cannot_forge_a_log_line(
     assert "participant=x\\n12:00:00 info" in rejections[0]  # escaped, on its own line
     # before: the header's second half was a line of its own, an "accepted" event
     assert not [line for line in lines() if line.startswith("12:00:00 info")]
+
+
+def _listening(port: int) -> set[str]:
+    """The local addresses with a TCP socket listening on ``port`` (Linux: /proc/net)."""
+    found = set()
+    for path, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        for row in Path(path).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, port_hex = local.split(":")
+            if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+                found.add(socket.inet_ntop(family, raw))
+    return found
+
+
+@pytest.mark.amqp
+def test_metrics_listen_on_loopback_by_default(
+    amqp_url: str, job: str, tmp_path: Path, data_dir: Path
+) -> None:
+    port = free_port()
+    aggregator = FedmqProcess(
+        "aggregator",
+        [
+            *("aggregator", f"--broker={amqp_url}", f"--job={job}", "--model=mlp"),
+            *("--eval-every=0", f"--metrics-port={port}"),
+        ],
+        tmp_path,
+        data_dir,
+    )
+    try:
+        wait_for(lambda: aggregator.events("metrics"), STARTUP_S, "the endpoint", [aggregator])
+        assert _listening(port) == {"127.0.0.1"}  # before: {"0.0.0.0"}, every interface
+        assert aggregator.events("metrics")[0]["url"] == f"http://127.0.0.1:{port}/metrics"
+    finally:
+        aggregator.stop()
+        asyncio.run(delete_job_queues(amqp_url, job))
