@@ -20,12 +20,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import aio_pika
-import aiomqtt
 import pytest
 
 from fedmq.transport.amqp import amqp_names
-from fedmq.transport.mqtt import mqtt_topics
-from tests.integration.brokers import delete_job_queues, free_port
+from tests.integration.brokers import delete_job_queues, forget_mqtt_job, free_port
 from tests.integration.fleet import FedmqProcess, wait_for
 
 STARTUP_S = 120.0  # importing torch on a loaded machine, then one round of training
@@ -50,17 +48,6 @@ def _rabbitmq_user(user: str, password: str) -> Iterator[None]:
         yield
     finally:
         _rabbitmqctl("delete_user", user)
-
-
-async def _forget_mqtt_job(url: str, job: str, participants: list[str]) -> None:
-    """Drop the job's retained model and the persistent sessions its clients left behind."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 1883
-    async with aiomqtt.Client(host, port) as client:
-        await client.publish(mqtt_topics(job).model, b"", qos=1, retain=True)
-    for suffix in ("aggregator", *(f"p-{pid}" for pid in participants)):
-        async with aiomqtt.Client(host, port, identifier=f"fedmq-{job}-{suffix}"):
-            pass  # clean_session defaults to True: the broker forgets the session
 
 
 @pytest.mark.parametrize(
@@ -116,7 +103,7 @@ def test_no_password_in_the_logs_of_either_service(
             if broker == "amqp":
                 asyncio.run(delete_job_queues(base_url, job))
             else:
-                asyncio.run(_forget_mqtt_job(base_url, job, [pid]))
+                asyncio.run(forget_mqtt_job(base_url, job, [pid]))
     for proc in procs:
         text = proc.log_path.read_text()
         assert f"{pid}:***@" in text  # the URL was logged, redacted ...
@@ -149,7 +136,7 @@ def test_no_password_in_the_demo_output_or_report(
             timeout=STARTUP_S * 2,
         )
     finally:
-        asyncio.run(_forget_mqtt_job(mqtt_url, job, ["dev-00", "dev-01"]))
+        asyncio.run(forget_mqtt_job(mqtt_url, job, ["dev-00", "dev-01"]))
     assert done.returncode in (0, 1), done.stdout + done.stderr  # 1: target not reached
     report = (out / "report.json").read_text()
     assert json.loads(report)["config"]["broker"].startswith("mqtt://operator:***@")

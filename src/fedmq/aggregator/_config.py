@@ -8,7 +8,7 @@ from pathlib import Path
 from fedmq.aggregator._downlink import DownlinkConfig
 from fedmq.errors import ConfigError
 from fedmq.strategies import StrategyConfig
-from fedmq.wire import Signer, Verifier, WireLimits
+from fedmq.wire import Signer, Verifier, WireLimits, check_participant_id
 
 __all__ = ["AggregatorConfig"]
 
@@ -72,3 +72,5 @@ class AggregatorConfig:
             raise ConfigError(f"shutdown_timeout: {self.shutdown_timeout_s} must be > 0")
         if self.max_update_norm is not None and not self.max_update_norm > 0:
             raise ConfigError(f"max_update_norm: {self.max_update_norm} must be > 0")
+        for pid in sorted(self.allowed_participants or ()):  # an id no update can carry
+            check_participant_id(pid, "allowed_participants")

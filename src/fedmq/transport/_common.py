@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 import logging
 
-from fedmq.errors import ClosedResourceError, ConfigError, PayloadTooLarge
+from fedmq.errors import ClosedResourceError, PayloadTooLarge
+
+# Ids become MQTT topic levels, client ids, queue names and AMQP headers: the wire's rule.
+from fedmq.wire import check_participant_id
 
 __all__ = [
     "LOG",
@@ -63,13 +66,6 @@ def check_size(body: bytes, limit: int, what: str) -> None:
             f"{what} of {len(body)} bytes exceeds max_message_bytes={limit}; "
             "fedmq refuses rather than chunks (see docs/transports.md)"
         )
-
-
-def check_participant_id(participant_id: str) -> str:
-    """Participant ids become MQTT topic levels, client ids and AMQP headers: keep them plain."""
-    if not participant_id or not all(c.isalnum() or c in "-_" for c in participant_id):
-        raise ConfigError(f"participant_id: {participant_id!r} must be non-empty [A-Za-z0-9_-]")
-    return participant_id
 
 
 def redact_url(url: str) -> str:
