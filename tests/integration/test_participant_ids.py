@@ -8,14 +8,13 @@ the id before it sends anything), under the same id on the topic or header.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import aio_pika
 import aiomqtt
 import msgpack
 import pytest
 
-from fedmq.aggregator import Aggregator, AggregatorConfig
+from fedmq.aggregator import Aggregator, AggregatorConfig, AggregatorStats
 from fedmq.strategies import FedAsyncConfig, StalenessConfig, StrategyConfig
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant
 from fedmq.transport.amqp import amqp_names
@@ -24,21 +23,6 @@ from tests.integration.brokers import delete_job_queues, forget_mqtt_job
 from tests.updates import INITIAL, delta, update
 
 BAD_ID = "dev.01"  # legal in an MQTT topic level and an AMQP header; breaks routing keys
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("amqp", marks=pytest.mark.amqp),
-        pytest.param("mqtt", marks=pytest.mark.mqtt),
-    ]
-)
-async def broker(request: pytest.FixtureRequest, job: str) -> AsyncIterator[str]:
-    url = str(request.getfixturevalue(f"{request.param}_url"))
-    yield url
-    if request.param == "amqp":
-        await delete_job_queues(url, job)
-    else:
-        await forget_mqtt_job(url, job, ["dev-01"])
 
 
 def _as(pid: str, body: bytes) -> bytes:
@@ -62,7 +46,29 @@ async def _publish_raw(url: str, job: str, pid: str, body: bytes) -> None:
             await client.publish(mqtt_topics(job).updates(pid), body, qos=1)
 
 
-async def test_an_update_with_a_bad_id_is_refused_with_its_reason(broker: str, job: str) -> None:
+@pytest.mark.parametrize(
+    "scheme",
+    [pytest.param("amqp", marks=pytest.mark.amqp), pytest.param("mqtt", marks=pytest.mark.mqtt)],
+)
+async def test_an_update_with_a_bad_id_is_refused_with_its_reason(
+    request: pytest.FixtureRequest, scheme: str, job: str
+) -> None:
+    broker = str(request.getfixturevalue(f"{scheme}_url"))
+    try:
+        stats = await _run(broker, job)
+    finally:
+        if scheme == "amqp":
+            await delete_job_queues(broker, job)
+        else:
+            await forget_mqtt_job(broker, job, ["dev-01"])
+    # before: both applied (version 2), "dev.01" a device like any other
+    assert dict(stats.rejected) == {"bad_participant": 1}
+    assert stats.applied == 1
+    assert stats.participants == {"dev-01"}
+
+
+async def _run(broker: str, job: str) -> AggregatorStats:
+    """A bad-id update, then a good one, through an aggregator on ``broker``."""
     config = TransportConfig(url=broker, job=job)
     strategy = StrategyConfig(
         name="fedasync",
@@ -80,7 +86,4 @@ async def test_an_update_with_a_bad_id_is_refused_with_its_reason(broker: str, j
             while aggregator.stats.applied + sum(aggregator.stats.rejected.values()) < 2:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         task.cancel()
-    # before: both applied (version 2), "dev.01" a device like any other
-    assert dict(aggregator.stats.rejected) == {"bad_participant": 1}
-    assert aggregator.stats.applied == 1
-    assert aggregator.stats.participants == {"dev-01"}
+    return aggregator.stats
