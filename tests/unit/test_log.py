@@ -63,6 +63,9 @@ def test_text_traceback_lines_are_indented_under_their_event() -> None:
 
 
 def test_json_is_one_line_holding_the_value_unchanged() -> None:
-    line = _JsonFormatter().format(_record("rejected", {"participant": FORGED + "\x1b\u2028"}))
+    record = _record("rejected" + FORGED, {"participant": FORGED + "\x1b\u2028"}, exc=True)
+    line = _JsonFormatter().format(record)
     assert line.splitlines() == [line]
-    assert json.loads(line)["participant"] == FORGED + "\x1b\u2028"
+    doc = json.loads(line)
+    assert doc["participant"] == FORGED + "\x1b\u2028"
+    assert doc["event"] == "rejected" + FORGED
