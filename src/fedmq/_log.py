@@ -2,6 +2,11 @@
 
 Both formats carry the same fields, so an operator can grep the text form or
 ship the JSON form to a log store. The format is chosen once, in the CLI.
+
+Field values often come from the network (a header, a topic level, an id), so no value
+can forge a line: the text form escapes each non-printable character of the message, keys
+and values as ``repr`` does (a newline as ``\\n``, ESC as ``\\x1b``), and indents the lines
+of a traceback under their event; the JSON form is escaped by ``json.dumps``.
 """
 
 from __future__ import annotations
@@ -22,14 +27,25 @@ def log_event(
     logger.log(level, event, extra={"fedmq_fields": fields})
 
 
+def _one_line(value: object) -> str:
+    """``str(value)`` with each non-printable character (newline, ESC, U+2028...) escaped."""
+    text = str(value)
+    if text.isprintable():  # the common case, at C speed
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = getattr(record, "fedmq_fields", {})
         stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        text = " ".join(f"{k}={v}" for k, v in fields.items())
-        line = f"{stamp} {record.levelname.lower():<7} {record.name} {record.getMessage()} {text}"
+        text = " ".join(f"{_one_line(k)}={_one_line(v)}" for k, v in fields.items())
+        event = _one_line(record.getMessage())
+        line = f"{stamp} {record.levelname.lower():<7} {record.name} {event} {text}"
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            # Indented, so no line of it (the exception's message included) reads as an event.
+            trace = self.formatException(record.exc_info).splitlines()
+            line += "".join(f"\n  {_one_line(part)}" for part in trace)
         return line.rstrip()
 
 

@@ -166,7 +166,7 @@ _AGGREGATOR_OPS = [
     _SIGNING_KEY,
     Option("control_publisher", str, None, "AMQP: take control commands only from this user"),
     Option("metrics_port", int, 0, "Prometheus metrics on this port (0: off)"),
-    Option("metrics_host", str, "0.0.0.0", "address the metrics endpoint listens on"),
+    Option("metrics_host", str, "127.0.0.1", "address the metrics endpoint listens on"),
     Option("active_window", float, 60.0, "metrics: seconds a device stays active after an update"),
 ]
 _PARTICIPANT_OPS = [

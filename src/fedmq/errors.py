@@ -48,6 +48,7 @@ class Reason(enum.StrEnum):
     NON_FINITE = "non_finite"  # NaN or Inf
     TOO_LARGE = "too_large"  # message or tensor over the configured size limit
     SIZE_MISMATCH = "size_mismatch"  # declared size disagrees with the actual payload
+    BAD_PARTICIPANT = "bad_participant"  # the id breaks the rule (fedmq.wire, docs/wire-format.md)
     # policy: a well-formed update refused by the aggregator
     DUPLICATE = "duplicate"  # (participant, seq) already applied
     TOO_STALE = "too_stale"

@@ -25,13 +25,16 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aio_pika
+import aiomqtt
 
 from fedmq.transport.amqp import amqp_names
+from fedmq.transport.mqtt import mqtt_topics
 
 __all__ = [
     "BROKER_CONFIG",
@@ -458,3 +461,14 @@ async def delete_job_queues(url: str, job: str) -> None:
                 await channel.queue_delete(name)
             if not channel.is_closed:
                 await channel.close()
+
+
+async def forget_mqtt_job(url: str, job: str, participants: Sequence[str]) -> None:
+    """Drop a job's retained model and the persistent sessions its MQTT clients left."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 1883
+    async with aiomqtt.Client(host, port) as client:
+        await client.publish(mqtt_topics(job).model, b"", qos=1, retain=True)
+    for suffix in ("aggregator", *(f"p-{pid}" for pid in participants)):
+        async with aiomqtt.Client(host, port, identifier=f"fedmq-{job}-{suffix}"):
+            pass  # clean_session defaults to True: the broker forgets the session

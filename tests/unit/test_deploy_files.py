@@ -226,6 +226,8 @@ def test_metrics_port_is_the_one_prometheus_scrapes(compose: Any) -> None:
         for target in static["targets"]
     ]
     assert f"aggregator:{port}" in targets
+    # The endpoint listens on loopback by default: Prometheus, in its own container, needs it open.
+    assert "--metrics-host=0.0.0.0" in command
     assert f":{port}/" in " ".join(compose["services"]["aggregator"]["healthcheck"]["test"])
     assert f"EXPOSE {port}" in DOCKERFILE.read_text()
 

@@ -233,3 +233,25 @@ def test_backoff_rejects_bad_bounds() -> None:
 def test_redact_url_hides_the_password() -> None:
     assert redact_url("amqp://u:secret@h:5672/v") == "amqp://u:***@h:5672/v"
     assert redact_url("mqtt://h:1883") == "mqtt://h:1883"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("amqp://u:pa#ss@h/", "amqp://u:***@h/"),  # a URL parser saw "ss@h/" as the fragment
+        ("amqp://u:pa/ss@h:5672/", "amqp://u:***@h:5672/"),  # ... or "/ss@h:5672/" as a path
+        ("amqp://u:p@h:bad/", "amqp://u:***@h:bad/"),  # a bad port does not raise
+        ("mqtt://u:p@h:1883/?x=a@b", "mqtt://u:***@b"),  # an odd URL loses more, never less
+        ("mqtt://u@h:1883", "mqtt://u@h:1883"),
+        ("memory://demo", "memory://demo"),
+    ],
+)
+def test_redact_url_hides_any_password(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_a_refused_url_is_named_without_its_password() -> None:
+    with pytest.raises(ConfigError) as refused:
+        TransportConfig(url="amqps+bad://u:hunter2@h/")
+    assert "hunter2" not in str(refused.value)
+    assert "u:***@h/" in str(refused.value)

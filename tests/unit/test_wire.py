@@ -206,6 +206,7 @@ def test_doc_minimal_sender_reproduces_the_example_byte_for_byte() -> None:
         _update(loss=float("nan")),
         _update(created=float("inf")),
         _update(participant=""),
+        _update(participant="dev.01"),
         _update(tensors=(encode_tensor("w", PARAMS["w"], CodecConfig()),) * 2),
         _update(
             tensors=(dataclasses.replace(encode_tensor("w", PARAMS["w"], CodecConfig()), data=b""),)
@@ -237,9 +238,31 @@ def test_too_large_fields() -> None:
     _rejected(
         _set(("tensors", 0, "name"), "ww"), Reason.TOO_LARGE, limits=WireLimits(max_name_bytes=1)
     )
-    long_name = encode_update(_update(participant="ü" * 65))  # 130 UTF-8 bytes
-    _rejected(long_name, Reason.TOO_LARGE)
+    _rejected(_set(("participant",), "ü" * 65), Reason.TOO_LARGE)  # 130 UTF-8 bytes
     _rejected(VALID, Reason.TOO_LARGE, limits=WireLimits(max_decoded_elements=5))
+
+
+@pytest.mark.parametrize(
+    "participant",
+    [
+        "dev.01",  # a dot splits an AMQP routing key and a key id
+        "a/b",
+        "+",
+        "#",  # MQTT topic separators and wildcards
+        "dev 01",
+        "dev-01\n",
+        "dév-01",  # non-ASCII
+        "d" * 65,  # over 64 characters, within max_participant_bytes
+    ],
+)
+def test_bad_participant_ids_are_refused(participant: str) -> None:
+    _rejected(_set(("participant",), participant), Reason.BAD_PARTICIPANT)
+
+
+def test_every_id_the_rule_allows_decodes() -> None:
+    for participant in ("d", "D" * 64, "dev-01", "__state__", "A-Za-z0-9_"):
+        data = _set(("participant",), participant)
+        assert decode_update(data, spec=SPEC).participant == participant
 
 
 def test_too_large_decoded_size_of_a_model_without_spec() -> None:

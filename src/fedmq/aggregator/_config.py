@@ -9,7 +9,7 @@ from fedmq.aggregator._bounds import BoundsConfig
 from fedmq.aggregator._downlink import DownlinkConfig
 from fedmq.errors import ConfigError
 from fedmq.strategies import StrategyConfig
-from fedmq.wire import Signer, Verifier, WireLimits
+from fedmq.wire import Signer, Verifier, WireLimits, check_participant_id
 
 __all__ = ["AggregatorConfig"]
 
@@ -71,3 +71,5 @@ class AggregatorConfig:
             raise ConfigError(f"checkpoint_interval: {self.checkpoint_interval_s} must be > 0")
         if not self.shutdown_timeout_s > 0:
             raise ConfigError(f"shutdown_timeout: {self.shutdown_timeout_s} must be > 0")
+        for pid in sorted(self.allowed_participants or ()):  # an id no update can carry
+            check_participant_id(pid, "allowed_participants")

@@ -55,12 +55,13 @@ _MAX_REQUEST_BYTES = 16 * 1024
 class MetricsConfig:
     """Where to serve metrics, and what counts as an active device.
 
-    ``port`` 0 disables the endpoint. ``active_window_s``: a device is active while
-    its last applied update is at most this old.
+    ``port`` 0 disables the endpoint; ``host`` is the address it listens on, loopback
+    unless the operator opens it (a container: 0.0.0.0). ``active_window_s``: a device
+    is active while its last applied update is at most this old.
     """
 
     port: int = 0
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     active_window_s: float = 60.0
 
     def __post_init__(self) -> None:

@@ -52,7 +52,7 @@ async def run_aggregator(
     log_event(
         _log,
         "starting",
-        broker=transport_config.url,
+        broker=transport_config.redacted_url,
         job=transport_config.job,
         strategy=config.strategy.name,
     )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from fedmq.codecs import CodecConfig
 from fedmq.errors import ConfigError
-from fedmq.wire import Signer, Verifier, WireLimits, key_owner
+from fedmq.wire import Signer, Verifier, WireLimits, check_participant_id, key_owner
 
 __all__ = ["ParticipantConfig"]
 
@@ -43,9 +43,7 @@ class ParticipantConfig:
     model_verifier: Verifier | None = None
 
     def __post_init__(self) -> None:
-        pid = self.participant_id
-        if not pid or len(pid) > 128 or not all(c.isalnum() or c in "-_." for c in pid):
-            raise ConfigError(f"id: {pid!r} must be 1-128 characters of [A-Za-z0-9._-]")
+        pid = check_participant_id(self.participant_id, "id")
         signer = self.update_signer
         if signer is not None and key_owner(signer.key_id) != pid:
             raise ConfigError(f"signing_key: key {signer.key_id!r} does not belong to {pid!r}")

@@ -58,7 +58,7 @@ async def run_participant(
         participant=config.participant_id,
         shard=f"{index}/{count}",
         examples=len(y),
-        broker=transport_config.url,
+        broker=transport_config.redacted_url,
     )
     async with (
         connect_participant(transport_config, config.participant_id) as transport,

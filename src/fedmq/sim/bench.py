@@ -109,7 +109,7 @@ async def run_bench(
         f"fedmq bench {config.label}: {proto.participants} devices,"
         f" strategy {config.aggregator.strategy.name},"
         f" codec {_codec_label(config.participant.codec)},"
-        f" broker {config.transport.url.split('@')[-1]}, job {config.transport.job},"
+        f" broker {config.transport.redacted_url}, job {config.transport.job},"
         f" target {proto.target_accuracy} or {proto.max_seconds:.0f} s"
     )
     async with AggregatorHost(spec, separate=separate) as host:
@@ -390,7 +390,7 @@ def _report(
         "label": config.label,
         "strategy": config.aggregator.strategy.name,
         "codec": _codec_label(config.participant.codec),
-        "broker": config.transport.url.split("@")[-1],
+        "broker": config.transport.redacted_url,
         "job": config.transport.job,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         **at_target,

@@ -91,7 +91,7 @@ async def run_demo(config: DemoConfig, data_dir: str | None) -> int:
     devices: list[Participant] = []
     console.print(
         f"fedmq demo: {config.participants} devices, strategy {config.aggregator.strategy.name},"
-        f" codec {config.participant.codec.name}, broker {config.transport.url},"
+        f" codec {config.participant.codec.name}, broker {config.transport.redacted_url},"
         f" target {config.target_accuracy}, output {out}"
     )
     reached = False
@@ -173,7 +173,7 @@ def _report(
         ("devices", str(config.participants)),
         ("strategy", config.aggregator.strategy.name),
         ("codec", config.participant.codec.name),
-        ("broker", config.transport.url),
+        ("broker", config.transport.redacted_url),
         ("final test accuracy", f"{final.accuracy:.4f}" if final else "-"),
         (
             "best test accuracy",
@@ -214,7 +214,7 @@ def _report(
             "participants": config.participants,
             "strategy": dataclasses.asdict(config.aggregator.strategy),
             "codec": dataclasses.asdict(config.participant.codec),
-            "broker": config.transport.url,
+            "broker": config.transport.redacted_url,
             "train_slots": config.train_slots,
         },
     }

@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from fedmq.errors import ConfigError, Rejection
+from fedmq.transport._common import redact_url
 
 __all__ = [
     "AggregatorTransport",
@@ -63,7 +64,8 @@ class TransportConfig:
         scheme = self.url.split("://", 1)[0] if "://" in self.url else ""
         if scheme not in _SCHEMES:
             raise ConfigError(
-                f"broker: unsupported URL {self.url!r}; allowed schemes: {', '.join(_SCHEMES)}"
+                f"broker: unsupported URL {self.redacted_url!r}; "
+                f"allowed schemes: {', '.join(_SCHEMES)}"
             )
         if not self.job or not all(c.isalnum() or c in "-_" for c in self.job):
             raise ConfigError(f"job: {self.job!r} must be non-empty [A-Za-z0-9_-]")
@@ -81,6 +83,11 @@ class TransportConfig:
     @property
     def scheme(self) -> str:
         return self.url.split("://", 1)[0]
+
+    @property
+    def redacted_url(self) -> str:
+        """``url`` without its password: the only form of it a log line or report holds."""
+        return redact_url(self.url)
 
 
 class Delivery(Protocol):

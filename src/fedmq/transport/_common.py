@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import enum
 import logging
-from urllib.parse import urlsplit, urlunsplit
 
-from fedmq.errors import ClosedResourceError, ConfigError, PayloadTooLarge
+from fedmq.errors import ClosedResourceError, PayloadTooLarge
+
+# Ids become MQTT topic levels, client ids, queue names and AMQP headers: the wire's rule.
+from fedmq.wire import check_participant_id
 
 __all__ = [
     "LOG",
@@ -66,19 +68,17 @@ def check_size(body: bytes, limit: int, what: str) -> None:
         )
 
 
-def check_participant_id(participant_id: str) -> str:
-    """Participant ids become MQTT topic levels, client ids and AMQP headers: keep them plain."""
-    if not participant_id or not all(c.isalnum() or c in "-_" for c in participant_id):
-        raise ConfigError(f"participant_id: {participant_id!r} must be non-empty [A-Za-z0-9_-]")
-    return participant_id
-
-
 def redact_url(url: str) -> str:
-    """The URL without its password, fit for logs and error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL without its password, fit for logs, reports and error messages.
+
+    Done on the text, not by a URL parser: a password holding an unescaped ``#``, ``/``
+    or ``?`` would otherwise land partly in the path or the fragment, and a bad port
+    would raise. Everything between the user name and the last ``@`` goes, so an odd
+    URL loses more than its password, never less.
+    """
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    user, colon, _ = rest[: max(at, 0)].partition(":")
+    if not sep or not colon:
         return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    return f"{scheme}://{user}:***@{rest[at + 1 :]}"

@@ -152,7 +152,9 @@ def reset_embedded_brokers() -> None:
 
 def _broker_name(config: TransportConfig) -> str:
     if config.scheme != "memory":
-        raise ConfigError(f"broker: the embedded transport needs memory://, got {config.url!r}")
+        raise ConfigError(
+            f"broker: the embedded transport needs memory://, got {config.redacted_url!r}"
+        )
     return config.url.split("://", 1)[1].strip("/") or "default"
 
 

@@ -35,6 +35,13 @@ from fedmq.wire._envelope import (
     WireLimits,
     tensor_spec_of,
 )
+from fedmq.wire._ids import (
+    MAX_PARTICIPANT_ID,
+    PARTICIPANT_ID_PATTERN,
+    PARTICIPANT_ID_RULE,
+    check_participant_id,
+    is_participant_id,
+)
 from fedmq.wire._keys import (
     KeyRing,
     PrivateKey,
@@ -59,6 +66,9 @@ from fedmq.wire._signed import (
 )
 
 __all__ = [
+    "MAX_PARTICIPANT_ID",
+    "PARTICIPANT_ID_PATTERN",
+    "PARTICIPANT_ID_RULE",
     "SCHEMA_CONTROL",
     "SCHEMA_MODEL",
     "SCHEMA_MODEL_DELTA",
@@ -76,6 +86,7 @@ __all__ = [
     "UpdateEnvelope",
     "Verifier",
     "WireLimits",
+    "check_participant_id",
     "create_key_pair",
     "decode_any_model",
     "decode_control",
@@ -88,6 +99,7 @@ __all__ = [
     "encode_signed",
     "encode_update",
     "fingerprint",
+    "is_participant_id",
     "key_owner",
     "load_private_key",
     "load_public_key",

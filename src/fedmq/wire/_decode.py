@@ -31,6 +31,7 @@ from fedmq.wire._envelope import (
     UpdateEnvelope,
     WireLimits,
 )
+from fedmq.wire._ids import PARTICIPANT_ID_RULE, is_participant_id
 
 __all__ = ["decode_model", "decode_update", "materialize", "materialize_sparse"]
 
@@ -230,8 +231,13 @@ def decode_update(
     index order, scales) are checked when ``materialize`` decodes them.
     """
     fields = _envelope(data, SCHEMA_UPDATE, _UPDATE_FIELDS, limits)
+    participant = _str(fields["participant"], "participant", limits.max_participant_bytes)
+    if not is_participant_id(participant):
+        _fail(
+            Reason.BAD_PARTICIPANT, f"participant {_short(participant)}: not {PARTICIPANT_ID_RULE}"
+        )
     return UpdateEnvelope(
-        participant=_str(fields["participant"], "participant", limits.max_participant_bytes),
+        participant=participant,
         seq=_uint(fields["seq"], "seq"),
         base_version=_uint(fields["base_version"], "base_version"),
         num_examples=_uint(fields["num_examples"], "num_examples"),

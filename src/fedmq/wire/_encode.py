@@ -11,6 +11,7 @@ import msgpack
 from fedmq.codecs import EncodedTensor, expected_payload_bytes
 from fedmq.errors import WireError
 from fedmq.wire._envelope import SCHEMA_MODEL, SCHEMA_UPDATE, ModelEnvelope, UpdateEnvelope
+from fedmq.wire._ids import check_participant_id
 
 __all__ = ["encode_model", "encode_update"]
 
@@ -72,12 +73,10 @@ def encode_update(env: UpdateEnvelope) -> bytes:
     Raises ``ValueError`` for an envelope no receiver would accept (negative ints,
     NaN loss, payload sizes that disagree with the codec params...).
     """
-    if not isinstance(env.participant, str) or not env.participant:
-        raise ValueError(f"participant: {env.participant!r} must be a non-empty str")
     return _pack(
         {
             "schema": SCHEMA_UPDATE,
-            "participant": env.participant,
+            "participant": check_participant_id(env.participant, "participant"),
             "seq": _uint("seq", env.seq),
             "base_version": _uint("base_version", env.base_version),
             "num_examples": _uint("num_examples", env.num_examples),

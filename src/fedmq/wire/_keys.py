@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from fedmq._fs import atomic_write
 from fedmq._log import log_event
 from fedmq.errors import ConfigError
+from fedmq.wire._ids import PARTICIPANT_ID_PATTERN, PARTICIPANT_ID_RULE
 
 __all__ = [
     "KeyRing",
@@ -55,16 +56,18 @@ __all__ = [
 _log = logging.getLogger("fedmq.keys")
 
 MAX_KEY_ID_BYTES = 128
-_KEY_ID = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)?")
+_KEY_ID = re.compile(rf"{PARTICIPANT_ID_PATTERN}(\.[A-Za-z0-9_-]+)?")
 _HEX_KEY = re.compile(r"[0-9a-fA-F]{64}")
 
 
 def check_key_id(key_id: str) -> str:
-    """``key_id`` if it is ``owner`` or ``owner.label`` of [A-Za-z0-9_-], else ConfigError."""
+    """``key_id`` if it is ``owner`` or ``owner.label`` (owner: a participant id), else
+    ConfigError."""
     if len(key_id.encode()) > MAX_KEY_ID_BYTES or not _KEY_ID.fullmatch(key_id):
         raise ConfigError(
-            f"key id: {key_id!r} must be OWNER or OWNER.LABEL, each [A-Za-z0-9_-]+, "
-            f"at most {MAX_KEY_ID_BYTES} bytes (e.g. dev-01, dev-01.2025, aggregator)"
+            f"key id: {key_id!r} must be OWNER or OWNER.LABEL, OWNER a participant id "
+            f"({PARTICIPANT_ID_RULE}), LABEL [A-Za-z0-9_-]+, at most {MAX_KEY_ID_BYTES} bytes "
+            "(e.g. dev-01, dev-01.2025, aggregator)"
         )
     return key_id
 
