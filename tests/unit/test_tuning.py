@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fedmq.admin import ctl
-from fedmq.aggregator import Aggregator, AggregatorConfig
+from fedmq.aggregator import Aggregator, AggregatorConfig, ControlConfig
 from fedmq.aggregator._checkpoint import load_checkpoint
 from fedmq.aggregator._tuning import (
     changes,
@@ -52,6 +52,8 @@ FEDBUFF = StrategyConfig(
     max_staleness=10,
     fedbuff=FedBuffConfig(buffer_size=4, staleness=StalenessConfig(function="constant")),
 )
+# The embedded broker is in-process: only this test can publish a command.
+TRUSTED = ControlConfig(accept_unsigned=True)
 
 
 def update(pid: str, seq: int, base: int, value: float = 1.0) -> bytes:
@@ -236,7 +238,9 @@ async def test_ctl_set_changes_a_running_aggregator_between_updates(
     job: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "fedmq.aggregator")
-    async with running(AggregatorConfig(strategy=FEDASYNC, eval_every=0), job) as aggregator:
+    async with running(
+        AggregatorConfig(strategy=FEDASYNC, eval_every=0, control=TRUSTED), job
+    ) as aggregator:
         await send(job, "dev-1", update("dev-1", 0, 0))
         await until(lambda: aggregator.version == 1)
         await command(job, "alpha=0.25", "max_staleness=0")
@@ -256,7 +260,9 @@ async def test_ctl_set_changes_a_running_aggregator_between_updates(
 
 
 async def test_a_bad_command_is_refused_counted_and_the_service_goes_on(job: str) -> None:
-    async with running(AggregatorConfig(strategy=FEDASYNC, eval_every=0), job) as aggregator:
+    async with running(
+        AggregatorConfig(strategy=FEDASYNC, eval_every=0, control=TRUSTED), job
+    ) as aggregator:
         await send_control(TransportConfig(url=URL, job=job), b"\xc1garbage")
         body = encode_control(ControlEnvelope(id="x", command="set", values={"alpha": 7.0}))
         await send_control(TransportConfig(url=URL, job=job), body)
@@ -268,7 +274,9 @@ async def test_a_bad_command_is_refused_counted_and_the_service_goes_on(job: str
 
 
 async def test_a_smaller_buffer_already_full_is_flushed_at_once(job: str) -> None:
-    async with running(AggregatorConfig(strategy=FEDBUFF, eval_every=0), job) as aggregator:
+    async with running(
+        AggregatorConfig(strategy=FEDBUFF, eval_every=0, control=TRUSTED), job
+    ) as aggregator:
         await send(job, "dev-1", *(update("dev-1", s, 0, value=float(s + 1)) for s in range(3)))
         await until(lambda: aggregator.stats.buffered == 3)
         await command(job, "buffer_size=5")  # larger: keeps waiting
@@ -284,7 +292,9 @@ async def test_a_smaller_buffer_already_full_is_flushed_at_once(job: str) -> Non
 
 
 async def test_retune_refuses_another_strategy(job: str) -> None:
-    async with running(AggregatorConfig(strategy=FEDASYNC, eval_every=0), job) as aggregator:
+    async with running(
+        AggregatorConfig(strategy=FEDASYNC, eval_every=0, control=TRUSTED), job
+    ) as aggregator:
         with pytest.raises(ConfigError, match="cannot become fedbuff"):
             await aggregator.retune(dataclasses.replace(FEDASYNC, name="fedbuff"))
         assert aggregator.config.strategy == FEDASYNC
@@ -293,7 +303,9 @@ async def test_retune_refuses_another_strategy(job: str) -> None:
 async def test_the_tuned_config_is_checkpointed_and_wins_over_the_command_line(
     job: str, tmp_path: Path
 ) -> None:
-    config = AggregatorConfig(strategy=FEDASYNC, eval_every=0, checkpoint_dir=tmp_path)
+    config = AggregatorConfig(
+        strategy=FEDASYNC, eval_every=0, checkpoint_dir=tmp_path, control=TRUSTED
+    )
     async with running(config, job) as aggregator:
         await command(job, "alpha=0.3")
         await until(lambda: aggregator.stats.controls["applied"] == 1)

@@ -1,6 +1,7 @@
 """The aggregator service: consume updates, apply a strategy, republish the model."""
 
 from fedmq.aggregator._config import AggregatorConfig
+from fedmq.aggregator._control import ControlConfig
 from fedmq.aggregator._downlink import Downlink, DownlinkConfig
 from fedmq.aggregator._evaluator import Evaluator
 from fedmq.aggregator._metrics import AggregatorCollector, MetricsConfig, MetricsServer
@@ -13,6 +14,7 @@ __all__ = [
     "AggregatorCollector",
     "AggregatorConfig",
     "AggregatorStats",
+    "ControlConfig",
     "Downlink",
     "DownlinkConfig",
     "Evaluator",

@@ -12,7 +12,9 @@ Signing (``fedmq.signed/1``): a ``Signer`` seals encoded bytes with an Ed25519 k
 """
 
 from fedmq.wire._control import (
+    CONTROL_LIMITS,
     SCHEMA_CONTROL,
+    ControlCommand,
     ControlEnvelope,
     ControlValue,
     decode_control,
@@ -59,11 +61,13 @@ from fedmq.wire._signed import (
 )
 
 __all__ = [
+    "CONTROL_LIMITS",
     "SCHEMA_CONTROL",
     "SCHEMA_MODEL",
     "SCHEMA_MODEL_DELTA",
     "SCHEMA_SIGNED",
     "SCHEMA_UPDATE",
+    "ControlCommand",
     "ControlEnvelope",
     "ControlValue",
     "KeyRing",

@@ -1,0 +1,214 @@
+"""The control gate: who may steer the aggregator, how fast, and replays (no broker)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from fedmq.aggregator import Aggregator, AggregatorConfig, ControlConfig
+from fedmq.aggregator._control import ControlGate, TokenBucket
+from fedmq.aggregator._tuning import handle_control
+from fedmq.errors import ConfigError, Reason, Rejection, WireError
+from fedmq.transport import TransportConfig, connect_aggregator, connect_participant, send_control
+from fedmq.wire import (
+    ControlEnvelope,
+    KeyRing,
+    Signer,
+    Verifier,
+    create_key_pair,
+    decode_control,
+    encode_control,
+    load_private_key,
+)
+from tests import updates
+from tests.updates import INITIAL, delta
+
+URL = "memory://control"
+NOW = 1_800_000_000.0
+
+
+class Clock:
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def command(issued: float = NOW, **values: int | float | str) -> bytes:
+    return encode_control(
+        ControlEnvelope(id="c", command="set", values=values or {"alpha": 0.5}, issued=issued)
+    )
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Path:
+    for key_id in ("operator", "dev-01"):
+        create_key_pair(key_id, tmp_path)
+    (tmp_path / "ops").mkdir()
+    (tmp_path / "operator.pub").rename(tmp_path / "ops" / "operator.pub")
+    return tmp_path
+
+
+def signer(keys: Path, key_id: str, job: str = "j") -> Signer:
+    return Signer(load_private_key(keys / f"{key_id}.key"), job)
+
+
+def gate(config: ControlConfig, wall: float = NOW) -> ControlGate:
+    return ControlGate(config, wall=Clock(wall), clock=Clock())
+
+
+def refused(g: ControlGate, body: bytes) -> Reason:
+    with pytest.raises(Rejection) as caught:
+        g.admit(body)
+    return caught.value.reason
+
+
+def test_token_bucket_allows_a_burst_then_the_rate() -> None:
+    clock = Clock()
+    bucket = TokenBucket(2.0, 3, clock=clock)
+    assert [bucket.take() for _ in range(5)] == [True, True, True, False, False]
+    clock.now = 0.5  # one token back
+    assert [bucket.take() for _ in range(2)] == [True, False]
+    clock.now = 100.0  # never more than the burst
+    assert sum(bucket.take() for _ in range(10)) == 3
+
+
+def test_with_nothing_configured_every_command_is_refused() -> None:
+    g = gate(ControlConfig())
+    with pytest.raises(Rejection) as caught:
+        g.admit(command())
+    assert caught.value.reason is Reason.UNAUTHENTICATED
+    assert "--operator-keys" in caught.value.detail  # says how to turn it on
+
+
+def test_operator_keys_admit_signed_commands_only(keys: Path) -> None:
+    g = gate(ControlConfig(operator_keys=Verifier(KeyRing(keys / "ops"), "j")))
+    assert refused(g, command()) is Reason.UNSIGNED
+    assert refused(g, signer(keys, "dev-01").seal(command())) is Reason.UNKNOWN_KEY
+    assert refused(g, signer(keys, "operator", job="other").seal(command())) is (
+        Reason.BAD_SIGNATURE
+    )
+    admitted, key_id = g.admit(signer(keys, "operator").seal(command(alpha=0.25)))
+    assert key_id == "operator" and admitted.values == {"alpha": 0.25}
+
+
+def test_signed_commands_cannot_be_replayed(keys: Path) -> None:
+    config = ControlConfig(operator_keys=Verifier(KeyRing(keys / "ops"), "j"), max_age_s=60)
+    g = gate(config)
+    op = signer(keys, "operator")
+    first = op.seal(command(NOW - 5))
+    g.admit(first)
+    assert refused(g, first) is Reason.REPLAYED  # the same bytes again
+    assert refused(g, op.seal(command(NOW - 10))) is Reason.REPLAYED  # older than the last
+    assert refused(g, op.seal(command(NOW - 61))) is Reason.REPLAYED  # outside the window
+    assert refused(g, op.seal(command(NOW + 61))) is Reason.REPLAYED
+    g.admit(op.seal(command(NOW)))
+    # A new gate (a restart) that remembers the last one (checkpoint) still refuses it.
+    assert refused(ControlGate(config, last_issued=NOW, wall=Clock(NOW)), first) is (
+        Reason.REPLAYED
+    )
+
+
+def test_accept_unsigned_trusts_the_broker() -> None:
+    command_, key_id = gate(ControlConfig(accept_unsigned=True)).admit(command(issued=0.0))
+    assert key_id is None and command_.values == {"alpha": 0.5}
+
+
+def test_over_the_rate_is_refused_before_anything_else() -> None:
+    g = gate(ControlConfig(accept_unsigned=True, rate_per_s=1.0, burst=2))
+    g.admit(command())
+    g.admit(command())
+    assert refused(g, command()) is Reason.RATE_LIMITED
+    assert refused(g, b"\xc1garbage") is Reason.RATE_LIMITED  # not even parsed
+
+
+def test_control_config_ranges() -> None:
+    with pytest.raises(ConfigError, match="control_rate"):
+        ControlConfig(rate_per_s=0.0)
+    with pytest.raises(ConfigError, match="control_burst"):
+        ControlConfig(burst=0)
+    with pytest.raises(ConfigError, match="control_max_age"):
+        ControlConfig(max_age_s=-1.0)
+
+
+def test_forget_commands_are_strict() -> None:
+    body = encode_control(ControlEnvelope(id="f", command="forget", values={"participant": "d"}))
+    assert decode_control(body).values == {"participant": "d"}
+    for values in ({}, {"participant": "d", "alpha": 1.0}, {"participant": 3}):
+        with pytest.raises(ValueError, match="forget"):
+            encode_control(ControlEnvelope(id="f", command="forget", values=values))
+    with pytest.raises(WireError):
+        decode_control(body.replace(b"participant", b"participanx"))
+
+
+# -- forget on a running aggregator (in-process broker) --------------------------------
+
+
+@asynccontextmanager
+async def running(config: AggregatorConfig, job: str) -> AsyncIterator[Aggregator]:
+    async with (
+        connect_aggregator(TransportConfig(url=URL, job=job)) as transport,
+        asyncio.TaskGroup() as tg,
+    ):
+        aggregator = Aggregator(config, transport, INITIAL)
+        task = tg.create_task(aggregator.run(tg), name="aggregator")
+        yield aggregator
+        task.cancel()
+
+
+async def until(condition: object, within: float = 10.0) -> None:
+    assert callable(condition)
+    async with asyncio.timeout(within):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+async def test_forget_and_the_replay_floor_survive_a_restart(
+    job: str, keys: Path, tmp_path: Path
+) -> None:
+    config = AggregatorConfig(
+        eval_every=0,
+        checkpoint_dir=tmp_path / "ckpt",
+        control=ControlConfig(operator_keys=Verifier(KeyRing(keys / "ops"), job)),
+    )
+    transport = TransportConfig(url=URL, job=job)
+    forget = signer(keys, "operator", job).seal(
+        encode_control(
+            ControlEnvelope(
+                id="f", command="forget", values={"participant": "dev-01"}, issued=time.time()
+            )
+        )
+    )
+    async with running(config, job) as aggregator:
+        async with connect_participant(transport, "dev-01") as device:
+            await device.publish_update(updates.update("dev-01", 2**64 - 1, 0, delta(1.0)))
+            await until(lambda: aggregator.stats.applied == 1)
+            await device.publish_update(updates.update("dev-01", 1, 0, delta(1.0)))
+            await until(lambda: aggregator.stats.rejected["duplicate"] == 1)
+            await send_control(transport, forget)
+            await until(lambda: aggregator.stats.controls["applied"] == 1)
+            await device.publish_update(updates.update("dev-01", 1, 1, delta(1.0)))
+            await until(lambda: aggregator.stats.applied == 2)
+    async with running(dataclasses.replace(config), job) as aggregator:
+        assert aggregator.control_issued > 0
+        await send_control(transport, forget)  # a replay, after a restart
+        await until(lambda: aggregator.stats.control_rejected["replayed"] == 1)
+        assert aggregator.stats.controls["applied"] == 0
+
+
+async def test_forgetting_an_unknown_participant_is_refused(job: str) -> None:
+    config = AggregatorConfig(eval_every=0, control=ControlConfig(accept_unsigned=True))
+    async with running(config, job) as aggregator:
+        body = encode_control(
+            ControlEnvelope(id="f", command="forget", values={"participant": "nobody"})
+        )
+        gate_ = ControlGate(config.control)
+        assert not await handle_control(aggregator, body, gate_)
+        assert aggregator.stats.control_rejected == {"invalid": 1}
