@@ -129,6 +129,17 @@ def test_over_the_rate_is_refused_before_anything_else() -> None:
     assert refused(g, b"\xc1garbage") is Reason.RATE_LIMITED  # not even parsed
 
 
+def test_unsigned_commands_do_not_use_up_the_operators_rate(keys: Path) -> None:
+    config = ControlConfig(operator_keys=Verifier(KeyRing(keys / "ops"), "j"), burst=2)
+    g = gate(config)
+    for _ in range(100):  # a device's flood
+        assert refused(g, command()) is Reason.UNSIGNED
+    op = signer(keys, "operator")
+    g.admit(op.seal(command(NOW - 2)))
+    g.admit(op.seal(command(NOW - 1)))
+    assert refused(g, op.seal(command(NOW))) is Reason.RATE_LIMITED
+
+
 def test_control_config_ranges() -> None:
     with pytest.raises(ConfigError, match="control_rate"):
         ControlConfig(rate_per_s=0.0)
@@ -141,7 +152,12 @@ def test_control_config_ranges() -> None:
 def test_forget_commands_are_strict() -> None:
     body = encode_control(ControlEnvelope(id="f", command="forget", values={"participant": "d"}))
     assert decode_control(body).values == {"participant": "d"}
-    for values in ({}, {"participant": "d", "alpha": 1.0}, {"participant": 3}):
+    wrong: list[dict[str, int | float | str]] = [
+        {},
+        {"participant": "d", "alpha": 1.0},
+        {"participant": 3},
+    ]
+    for values in wrong:
         with pytest.raises(ValueError, match="forget"):
             encode_control(ControlEnvelope(id="f", command="forget", values=values))
     with pytest.raises(WireError):
@@ -186,16 +202,15 @@ async def test_forget_and_the_replay_floor_survive_a_restart(
             )
         )
     )
-    async with running(config, job) as aggregator:
-        async with connect_participant(transport, "dev-01") as device:
-            await device.publish_update(updates.update("dev-01", 2**64 - 1, 0, delta(1.0)))
-            await until(lambda: aggregator.stats.applied == 1)
-            await device.publish_update(updates.update("dev-01", 1, 0, delta(1.0)))
-            await until(lambda: aggregator.stats.rejected["duplicate"] == 1)
-            await send_control(transport, forget)
-            await until(lambda: aggregator.stats.controls["applied"] == 1)
-            await device.publish_update(updates.update("dev-01", 1, 1, delta(1.0)))
-            await until(lambda: aggregator.stats.applied == 2)
+    async with running(config, job) as aggregator, connect_participant(transport, "dev-01") as dev:
+        await dev.publish_update(updates.update("dev-01", 2**64 - 1, 0, delta(1.0)))
+        await until(lambda: aggregator.stats.applied == 1)
+        await dev.publish_update(updates.update("dev-01", 1, 0, delta(1.0)))
+        await until(lambda: aggregator.stats.rejected["duplicate"] == 1)
+        await send_control(transport, forget)
+        await until(lambda: aggregator.stats.controls["applied"] == 1)
+        await dev.publish_update(updates.update("dev-01", 1, 1, delta(1.0)))
+        await until(lambda: aggregator.stats.applied == 2)
     async with running(dataclasses.replace(config), job) as aggregator:
         assert aggregator.control_issued > 0
         await send_control(transport, forget)  # a replay, after a restart

@@ -4,19 +4,22 @@ A control command (``fedmq ctl``, ``fedmq.control/1``) changes what the aggregat
 does for the whole fleet, so it is applied only if it comes from an authenticated
 operator, and never faster than a small rate. ``ControlGate.admit`` checks, in order:
 
-1. **Rate** (``rate_per_s``, ``burst``: a token bucket). Over the rate the command is
-   refused (``rate_limited``) before it is even parsed, so a flood costs a counter
-   increment each and never a checkpoint write.
-2. **Who sent it.** Either it is signed (``fedmq.signed/1``) by a key of the operator
+1. **Who sent it.** Either it is signed (``fedmq.signed/1``) by a key of the operator
    registry (``operator_keys``, e.g. ``--operator-keys``), or the broker itself
    authenticated its publisher (``accept_unsigned``: AMQP with ``control_publisher``,
    whose ``user_id`` RabbitMQ verifies and the transport checks; MQTT only when the
    operator states that the broker's ACL lets nobody else publish on the control
    topic, since an MQTT subscriber cannot see who published). With neither, every
    command is refused (``unauthenticated``): there is no default operator.
-   A signed command with keys configured must verify (``unknown_key``,
-   ``bad_signature``); an unsigned one is ``unsigned`` unless ``accept_unsigned``.
-3. **Replays** (signed commands): ``issued`` must lie within ``max_age_s`` of the
+   An unsigned command is ``unsigned`` unless ``accept_unsigned``: both are seen
+   from the first bytes, before anything else, so a device's flood of unsigned
+   commands does not use up the operator's rate.
+2. **Rate** (``rate_per_s``, ``burst``: a token bucket). Over the rate the command is
+   refused (``rate_limited``) before its signature is checked or its body parsed, so
+   a flood costs a counter increment each and never a checkpoint write.
+3. **Signature**: with keys configured, a signed command must verify (``unknown_key``,
+   ``bad_signature``); without, a signed one is unwrapped unchecked, like an unsigned one.
+4. **Replays** (signed commands): ``issued`` must lie within ``max_age_s`` of the
    aggregator's clock, either way, and be later than the ``issued`` of the last signed
    command admitted (kept in the checkpoint), so a copy of a signed command is
    refused (``replayed``) now, later, and after a restart.
@@ -34,8 +37,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedmq._log import log_event
-from fedmq.errors import ConfigError, Reason, Rejection, WireError
-from fedmq.wire import CONTROL_LIMITS, ControlEnvelope, Verifier, decode_control, open_signed
+from fedmq.errors import ConfigError, Reason, Rejection
+from fedmq.wire import (
+    CONTROL_LIMITS,
+    SCHEMA_SIGNED,
+    ControlEnvelope,
+    Verifier,
+    decode_control,
+    is_signed,
+    open_signed,
+)
 
 __all__ = ["ControlConfig", "ControlGate", "TokenBucket"]
 
@@ -137,21 +148,19 @@ class ControlGate:
         bad_signature, replayed, or a wire-format reason) and changes nothing then.
         """
         config = self.config
+        if not config.enabled:
+            raise Rejection(Reason.UNAUTHENTICATED, _HINT)
+        signed = is_signed(body)  # a peek at the first keys: no payload is read
+        if not signed and not config.accept_unsigned:
+            raise Rejection(Reason.UNSIGNED, f"not a {SCHEMA_SIGNED} command by an operator key")
         if not self._bucket.take():
             raise Rejection(
                 Reason.RATE_LIMITED,
                 f"over {config.rate_per_s:g} commands/s (burst {config.burst})",
             )
-        if not config.enabled:
-            raise Rejection(Reason.UNAUTHENTICATED, _HINT)
-        verifier = config.operator_keys
-        try:
-            inner, key_id = open_signed(body, verifier=verifier, limits=CONTROL_LIMITS)
-        except WireError as error:
-            if error.reason is Reason.UNSIGNED and config.accept_unsigned:
-                inner, key_id = body, None  # the broker vouches for the publisher
-            else:
-                raise
+        inner, key_id = body, None  # unsigned: the broker vouches for the publisher
+        if signed:
+            inner, key_id = open_signed(body, verifier=config.operator_keys, limits=CONTROL_LIMITS)
         command = decode_control(inner)
         if key_id is not None:  # signed and verified; without keys, signed = unsigned
             self._check_fresh(command)
