@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -24,7 +25,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedmq._log import configure_logging
+from fedmq._log import configure_logging, log_event
 from fedmq._options import Option, add_options, resolve_options
 from fedmq.aggregator import AggregatorConfig, ControlConfig
 from fedmq.codecs import CodecConfig
@@ -43,6 +44,7 @@ from fedmq.wire import KeyRing, Signer, Verifier, WireLimits
 __all__ = ["main"]
 
 Values = dict[str, Any]
+_log = logging.getLogger("fedmq.cli")
 
 _COMMON = [
     Option("job", str, "default", "job name; namespaces every queue and topic"),
@@ -304,26 +306,35 @@ def aggregator_config(v: Values) -> AggregatorConfig:
 
 
 def control_config(v: Values) -> ControlConfig:
-    """Who may send ``fedmq ctl`` commands (aggregator/_control.py); nobody by default."""
+    """Who may send ``fedmq ctl`` commands (aggregator/_control.py); nobody by default.
+
+    Unsigned commands are taken only where the broker authenticates their publisher:
+    AMQP with ``control_publisher`` (RabbitMQ checks ``user_id``), MQTT with
+    ``control_acl`` (the operator says the broker's ACL lets nobody else publish). The
+    other transport's setting is ignored with a warning: it would authenticate nothing.
+    """
     amqp = v["broker"].split("://", 1)[0] in ("amqp", "amqps")
     publisher, acl = v.get("control_publisher"), v.get("control_acl", False)
-    if publisher and not amqp:
-        raise ConfigError(
-            "control_publisher: AMQP only (RabbitMQ checks user_id); an MQTT subscriber cannot "
-            "see who published: use --operator-keys, or --control-acl if the broker's ACL lets "
-            "only the operator publish on fedmq/<job>/control"
-        )
-    if acl and amqp:
-        raise ConfigError(
-            "control_acl: MQTT only; on AMQP use --control-publisher operator (the broker "
-            "checks user_id) or --operator-keys"
+    ignored = (
+        "control_publisher" if publisher and not amqp else "control_acl" if acl and amqp else None
+    )
+    if ignored is not None:
+        log_event(
+            _log,
+            "control_setting_ignored",
+            logging.WARNING,
+            setting=ignored,
+            why="an MQTT subscriber cannot see who published; use --control-acl or --operator-keys"
+            if ignored == "control_publisher"
+            else "AMQP: any user may write the control queue; use --control-publisher or "
+            "--operator-keys",
         )
     keys, devices = v.get("operator_keys"), v.get("keys_dir")
     if keys and devices and Path(keys).resolve() == Path(devices).resolve():
         raise ConfigError("operator_keys: must not be the device key registry (--keys-dir)")
     return ControlConfig(
         operator_keys=_verifier(keys, v["job"]),
-        accept_unsigned=bool(publisher) or acl,
+        accept_unsigned=bool(publisher) if amqp else acl,
         rate_per_s=v.get("control_rate", 2.0),
         burst=v.get("control_burst", 10),
         max_age_s=v.get("control_max_age", 300.0),
