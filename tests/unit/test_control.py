@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from fedmq.aggregator import Aggregator, AggregatorConfig, ControlConfig
+from fedmq.aggregator import ControlConfig
 from fedmq.aggregator._control import ControlGate, TokenBucket
-from fedmq.aggregator._tuning import handle_control
 from fedmq.errors import ConfigError, Reason, Rejection, WireError
-from fedmq.transport import TransportConfig, connect_aggregator, connect_participant, send_control
 from fedmq.wire import (
     ControlEnvelope,
     KeyRing,
@@ -26,8 +19,6 @@ from fedmq.wire import (
     encode_control,
     load_private_key,
 )
-from tests import updates
-from tests.updates import INITIAL, delta
 
 URL = "memory://control"
 NOW = 1_800_000_000.0
@@ -162,68 +153,3 @@ def test_forget_commands_are_strict() -> None:
             encode_control(ControlEnvelope(id="f", command="forget", values=values))
     with pytest.raises(WireError):
         decode_control(body.replace(b"participant", b"participanx"))
-
-
-# -- forget on a running aggregator (in-process broker) --------------------------------
-
-
-@asynccontextmanager
-async def running(config: AggregatorConfig, job: str) -> AsyncIterator[Aggregator]:
-    async with (
-        connect_aggregator(TransportConfig(url=URL, job=job)) as transport,
-        asyncio.TaskGroup() as tg,
-    ):
-        aggregator = Aggregator(config, transport, INITIAL)
-        task = tg.create_task(aggregator.run(tg), name="aggregator")
-        yield aggregator
-        task.cancel()
-
-
-async def until(condition: object, within: float = 10.0) -> None:
-    assert callable(condition)
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-
-
-async def test_forget_and_the_replay_floor_survive_a_restart(
-    job: str, keys: Path, tmp_path: Path
-) -> None:
-    config = AggregatorConfig(
-        eval_every=0,
-        checkpoint_dir=tmp_path / "ckpt",
-        control=ControlConfig(operator_keys=Verifier(KeyRing(keys / "ops"), job)),
-    )
-    transport = TransportConfig(url=URL, job=job)
-    forget = signer(keys, "operator", job).seal(
-        encode_control(
-            ControlEnvelope(
-                id="f", command="forget", values={"participant": "dev-01"}, issued=time.time()
-            )
-        )
-    )
-    async with running(config, job) as aggregator, connect_participant(transport, "dev-01") as dev:
-        await dev.publish_update(updates.update("dev-01", 2**64 - 1, 0, delta(1.0)))
-        await until(lambda: aggregator.stats.applied == 1)
-        await dev.publish_update(updates.update("dev-01", 1, 0, delta(1.0)))
-        await until(lambda: aggregator.stats.rejected["duplicate"] == 1)
-        await send_control(transport, forget)
-        await until(lambda: aggregator.stats.controls["applied"] == 1)
-        await dev.publish_update(updates.update("dev-01", 1, 1, delta(1.0)))
-        await until(lambda: aggregator.stats.applied == 2)
-    async with running(dataclasses.replace(config), job) as aggregator:
-        assert aggregator.control_issued > 0
-        await send_control(transport, forget)  # a replay, after a restart
-        await until(lambda: aggregator.stats.control_rejected["replayed"] == 1)
-        assert aggregator.stats.controls["applied"] == 0
-
-
-async def test_forgetting_an_unknown_participant_is_refused(job: str) -> None:
-    config = AggregatorConfig(eval_every=0, control=ControlConfig(accept_unsigned=True))
-    async with running(config, job) as aggregator:
-        body = encode_control(
-            ControlEnvelope(id="f", command="forget", values={"participant": "nobody"})
-        )
-        gate_ = ControlGate(config.control)
-        assert not await handle_control(aggregator, body, gate_)
-        assert aggregator.stats.control_rejected == {"invalid": 1}

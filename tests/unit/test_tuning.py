@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,8 +17,10 @@ import pytest
 from fedmq.admin import ctl
 from fedmq.aggregator import Aggregator, AggregatorConfig, ControlConfig
 from fedmq.aggregator._checkpoint import load_checkpoint
+from fedmq.aggregator._control import ControlGate
 from fedmq.aggregator._tuning import (
     changes,
+    handle_control,
     knob_values,
     parse_assignments,
     strategy_from_dict,
@@ -35,8 +38,13 @@ from fedmq.strategies import (
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant, send_control
 from fedmq.wire import (
     ControlEnvelope,
+    KeyRing,
+    Signer,
+    Verifier,
+    create_key_pair,
     decode_control,
     encode_control,
+    load_private_key,
 )
 from tests import updates
 from tests.updates import INITIAL, delta
@@ -322,3 +330,48 @@ async def test_the_tuned_config_is_checkpointed_and_wins_over_the_command_line(
         assert aggregator.config.strategy == other.strategy
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint is not None and checkpoint.strategy == {}
+
+
+# -- forget-device, and signed commands across a restart --------------------------------
+
+
+async def test_forget_and_the_replay_floor_survive_a_restart(job: str, tmp_path: Path) -> None:
+    private, public = create_key_pair("operator", tmp_path / "keys")
+    config = AggregatorConfig(
+        eval_every=0,
+        checkpoint_dir=tmp_path / "ckpt",
+        control=ControlConfig(operator_keys=Verifier(KeyRing(public), job)),
+    )
+    transport = TransportConfig(url=URL, job=job)
+    forget = Signer(load_private_key(private), job).seal(
+        encode_control(
+            ControlEnvelope(
+                id="f", command="forget", values={"participant": "dev-01"}, issued=time.time()
+            )
+        )
+    )
+    async with running(config, job) as aggregator, connect_participant(transport, "dev-01") as dev:
+        await dev.publish_update(updates.update("dev-01", 2**64 - 1, 0, delta(1.0)))
+        await until(lambda: aggregator.stats.applied == 1)
+        await dev.publish_update(updates.update("dev-01", 1, 0, delta(1.0)))
+        await until(lambda: aggregator.stats.rejected["duplicate"] == 1)
+        await send_control(transport, forget)
+        await until(lambda: aggregator.stats.controls["applied"] == 1)
+        await dev.publish_update(updates.update("dev-01", 1, 1, delta(1.0)))
+        await until(lambda: aggregator.stats.applied == 2)
+    async with running(dataclasses.replace(config), job) as aggregator:
+        assert aggregator.control_issued > 0
+        await send_control(transport, forget)  # a replay, after a restart
+        await until(lambda: aggregator.stats.control_rejected["replayed"] == 1)
+        assert aggregator.stats.controls["applied"] == 0
+
+
+async def test_forgetting_an_unknown_participant_is_refused(job: str) -> None:
+    config = AggregatorConfig(eval_every=0, control=ControlConfig(accept_unsigned=True))
+    async with running(config, job) as aggregator:
+        body = encode_control(
+            ControlEnvelope(id="f", command="forget", values={"participant": "nobody"})
+        )
+        gate_ = ControlGate(config.control)
+        assert not await handle_control(aggregator, body, gate_)
+        assert aggregator.stats.control_rejected == {"invalid": 1}
