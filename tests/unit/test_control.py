@@ -107,6 +107,11 @@ def test_signed_commands_cannot_be_replayed(keys: Path) -> None:
     )
 
 
+def test_an_oversized_message_is_refused_unread() -> None:
+    g = gate(ControlConfig(accept_unsigned=True))
+    assert refused(g, b"\x85" + b"\x00" * 70_000) is Reason.TOO_LARGE
+
+
 def test_accept_unsigned_trusts_the_broker() -> None:
     command_, key_id = gate(ControlConfig(accept_unsigned=True)).admit(command(issued=0.0))
     assert key_id is None and command_.values == {"alpha": 0.5}

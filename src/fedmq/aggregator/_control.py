@@ -48,12 +48,12 @@ from fedmq.wire import (
     open_signed,
 )
 
-__all__ = ["ControlConfig", "ControlGate", "TokenBucket"]
+__all__ = ["HINT", "ControlConfig", "ControlGate", "TokenBucket"]
 
 _log = logging.getLogger("fedmq.aggregator")
 
 # Said with the first "unauthenticated" refusal: how to turn fedmq ctl on.
-_HINT = (
+HINT = (
     "control commands are refused: no operator is configured. Start the aggregator with "
     "--operator-keys DIR (public keys of `fedmq keys create --id operator`; send with "
     "`fedmq ctl --signing-key operator.key`), or, where the broker authenticates the "
@@ -149,7 +149,9 @@ class ControlGate:
         """
         config = self.config
         if not config.enabled:
-            raise Rejection(Reason.UNAUTHENTICATED, _HINT)
+            raise Rejection(Reason.UNAUTHENTICATED, HINT)
+        if len(body) > CONTROL_LIMITS.max_message_bytes:
+            raise Rejection(Reason.TOO_LARGE, f"{len(body)} bytes, a command is at most 64 KiB")
         signed = is_signed(body)  # a peek at the first keys: no payload is read
         if not signed and not config.accept_unsigned:
             raise Rejection(Reason.UNSIGNED, f"not a {SCHEMA_SIGNED} command by an operator key")

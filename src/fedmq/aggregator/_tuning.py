@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, get_type_hints
 
 from fedmq._log import log_event
 from fedmq.aggregator._config import AggregatorConfig
-from fedmq.aggregator._control import ControlGate
+from fedmq.aggregator._control import HINT, ControlGate
 from fedmq.errors import ConfigError, Rejection
 from fedmq.strategies import STALENESS_FUNCTIONS, StalenessConfig, StrategyConfig, StrategyName
 from fedmq.wire import ControlValue
@@ -351,6 +351,7 @@ async def serve_controls(aggregator: Aggregator, controls: AsyncIterator[bytes])
         unsigned=config.accept_unsigned,
         rate_per_s=config.rate_per_s,
         burst=config.burst,
+        hint=None if config.enabled else HINT,
     )
     async for body in controls:
         await handle_control(aggregator, body, gate)
