@@ -396,7 +396,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo": "a whole fleet on one machine: aggregator + devices, live progress",
         "aggregator": "run the aggregator service",
         "participant": "run one device",
-        "ctl": "live tuning: `ctl set NAME=VALUE...` or `ctl reset` on a running aggregator",
+        "ctl": "operator commands to a running aggregator: `ctl set NAME=VALUE...`, "
+        "`ctl reset`, `ctl forget-device ID` (signed with --signing-key)",
         "keys": "signing keys: `keys create`, `keys register`, `keys list`",
         "bench": "fleet time-to-accuracy (BENCHMARK.md); --suite, --virtual, --throughput",
     }

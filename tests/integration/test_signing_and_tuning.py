@@ -3,7 +3,8 @@
 The aggregator runs as its own process (``python -m fedmq.cli aggregator``) with a key
 registry, its own signing key and the metrics endpoint. The test publishes updates as a
 device would, through the real broker, and changes the running aggregator's settings
-with the real ``fedmq ctl``; what happened is read from the metrics endpoint, the
+with the real ``fedmq ctl`` (signed by an operator key: with no operator configured,
+every command is refused); what happened is read from the metrics endpoint, the
 aggregator's JSON log and the models it publishes.
 """
 
