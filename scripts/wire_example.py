@@ -82,6 +82,12 @@ def example_signer() -> Signer:
     return Signer(key, "default")
 
 
+def example_operator() -> Signer:
+    """The operator's key ``operator`` of job ``default``: the same RFC 8032 test key."""
+    key = PrivateKey("operator", Ed25519PrivateKey.from_private_bytes(RFC8032_SEED))
+    return Signer(key, "default")
+
+
 def example_control() -> ControlEnvelope:
     """``fedmq ctl set alpha=0.4 max_staleness=10``, as sent."""
     return ControlEnvelope(
@@ -276,16 +282,16 @@ def _size_table() -> str:
     return "\n".join(rows)
 
 
-def _signed_example(update_bytes: bytes) -> str:
-    signer = example_signer()
-    sealed = signer.seal(update_bytes)
+def _signed_example(signer: Signer, body: bytes, what: str, whole: str) -> str:
+    """``body`` sealed by ``signer``, annotated; ``what`` names the body, ``whole`` the result."""
+    sealed = signer.seal(body)
     dump = _Dump(sealed)
     kind, n = dump.header()
     assert kind == "map" and n == 4
     for _ in range(n):
         key = dump.string("key")
         if key == "body":
-            dump.value(lambda d: [(len(d), "the update of section 8.1, byte for byte")])
+            dump.value(lambda d: [(len(d), f"{what}, byte for byte")])
         elif key == "sig":
             dump.value(lambda d: [(32, "Ed25519 signature, R"), (32, "Ed25519 signature, S")])
         else:
@@ -294,15 +300,16 @@ def _signed_example(update_bytes: bytes) -> str:
     public = signer.key.public.public_bytes(
         serialization.Encoding.Raw, serialization.PublicFormat.Raw
     )
-    prefix = b"\0".join((b"fedmq.signed/1", b"default", b"dev-0001", b""))
+    key_id = signer.key_id
+    prefix = b"\0".join((b"fedmq.signed/1", signer.job.encode(), key_id.encode(), b""))
     return "\n\n".join(
         [
-            f"Public key of `dev-0001` (32 raw bytes): `{public.hex()}`.",
+            f"Public key of `{key_id}` (32 raw bytes): `{public.hex()}`.",
             "The signed message: these "
-            f"{len(prefix)} bytes, then the {len(update_bytes)} bytes of the update:\n\n"
+            f"{len(prefix)} bytes, then the {len(body)} bytes of {what}:\n\n"
             f"```text\n{prefix.hex(' ')}\n```",
             f"Annotated, byte by byte:\n\n```text\n{dump.render()}\n```",
-            _hex_block("The whole signed update", sealed),
+            _hex_block(whole, sealed),
         ]
     )
 
@@ -322,8 +329,13 @@ def render_blocks() -> dict[str, str]:
     return {
         "update-example": _example("The whole update", update_bytes),
         "model-example": _example("The whole model", model_bytes),
-        "signed-example": _signed_example(update_bytes),
+        "signed-example": _signed_example(
+            example_signer(), update_bytes, "the update of section 8.1", "The whole signed update"
+        ),
         "control-example": _example("The whole command", control_bytes),
+        "signed-control-example": _signed_example(
+            example_operator(), control_bytes, "the command above", "The whole signed command"
+        ),
         "sizes": _size_table(),
     }
 

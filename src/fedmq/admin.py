@@ -1,7 +1,8 @@
 """Operator commands: ``fedmq ctl`` (live tuning) and ``fedmq keys`` (signing keys).
 
-    fedmq ctl set --broker URL --job J alpha=0.4 max_staleness=10
+    fedmq ctl set --broker URL --job J [--signing-key operator.key] alpha=0.4 max_staleness=10
     fedmq ctl reset --broker URL --job J
+    fedmq ctl forget-device --broker URL --job J dev-01
     fedmq keys create --id dev-01 --out DIR
     fedmq keys register --id dev-01 --pub DIR/dev-01.pub --keys-dir REGISTRY
     fedmq keys list --keys-dir REGISTRY
@@ -20,40 +21,59 @@ from fedmq.aggregator._tuning import parse_assignments
 from fedmq.errors import ConfigError
 from fedmq.transport import TransportConfig, send_control
 from fedmq.wire import (
+    ControlCommand,
     ControlEnvelope,
+    ControlValue,
     KeyRing,
+    Signer,
     create_key_pair,
     encode_control,
     fingerprint,
     key_owner,
     load_public_key,
     register_public_key,
+    seal,
 )
 
 __all__ = ["ctl", "keys"]
 
 
-async def ctl(transport: TransportConfig, action: str, assignments: Sequence[str]) -> int:
-    """Send ``set NAME=VALUE...`` or ``reset`` to the job's aggregator; 0 once the broker has it."""
+async def ctl(
+    transport: TransportConfig,
+    action: str,
+    assignments: Sequence[str],
+    signer: Signer | None = None,
+) -> int:
+    """Send ``set NAME=VALUE...``, ``reset`` or ``forget-device ID`` to the job's aggregator,
+    signed by ``signer`` (an operator key) if given; 0 once the broker has it."""
+    values: dict[str, ControlValue]
+    command: ControlCommand
     if action == "set":
-        values = parse_assignments(assignments)
+        command, values = "set", parse_assignments(assignments)
     elif action == "reset":
         if assignments:
             raise ConfigError("ctl reset: takes no NAME=VALUE")
-        values = {}
+        command, values = "reset", {}
+    elif action == "forget-device":
+        if len(assignments) != 1:
+            raise ConfigError("ctl forget-device: takes one participant id")
+        command, values = "forget", {"participant": assignments[0]}
     else:
-        raise ConfigError(f"ctl: unknown action {action!r}; use set or reset")
-    command = ControlEnvelope(
-        id=uuid.uuid4().hex[:12],
-        command="set" if action == "set" else "reset",
-        values=values,
-        issued=time.time(),
+        raise ConfigError(f"ctl: unknown action {action!r}; use set, reset or forget-device")
+    envelope = ControlEnvelope(
+        id=uuid.uuid4().hex[:12], command=command, values=values, issued=time.time()
     )
-    await send_control(transport, encode_control(command))
+    try:
+        body = encode_control(envelope)
+    except ValueError as error:
+        raise ConfigError(f"ctl {action}: {error}") from None
+    await send_control(transport, seal(body, signer))
     shown = "".join(f" {k}={v}" for k, v in values.items())
+    signed = f", signed by {signer.key_id}" if signer is not None else ", unsigned"
     print(
-        f"sent {action}{shown} to job {transport.job} (id {command.id}); the aggregator logs "
-        "'tuned' or 'control_rejected' with this id, and exports fedmq_tuning{knob=...}"
+        f"sent {action}{shown} to job {transport.job} (id {envelope.id}{signed}); the "
+        "aggregator logs 'tuned', 'forgot' or 'control_rejected' with this id, and counts "
+        "fedmq_control_commands_total{result=...}"
     )
     return 0
 

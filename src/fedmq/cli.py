@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import logging
 import os
 import signal
 import sys
@@ -24,9 +25,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from fedmq._log import configure_logging
+from fedmq._log import configure_logging, log_event
 from fedmq._options import Option, add_options, resolve_options
-from fedmq.aggregator import AggregatorConfig, BoundsConfig
+from fedmq.aggregator import AggregatorConfig, BoundsConfig, ControlConfig
 from fedmq.codecs import CodecConfig
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.participant import ParticipantConfig
@@ -43,6 +44,7 @@ from fedmq.wire import KeyRing, Signer, Verifier, WireLimits
 __all__ = ["main"]
 
 Values = dict[str, Any]
+_log = logging.getLogger("fedmq.cli")
 
 _COMMON = [
     Option("job", str, "default", "job name; namespaces every queue and topic"),
@@ -164,7 +166,27 @@ _SIGNING_KEY = Option(
 _AGGREGATOR_OPS = [
     _KEYS_DIR,
     _SIGNING_KEY,
-    Option("control_publisher", str, None, "AMQP: take control commands only from this user"),
+    Option(
+        "operator_keys",
+        str,
+        None,
+        "operator public keys, <key_id>.pub (folder or file): apply fedmq ctl commands they sign",
+    ),
+    Option(
+        "control_publisher",
+        str,
+        None,
+        "AMQP: apply unsigned fedmq ctl commands from this broker user (user_id, broker-checked)",
+    ),
+    Option(
+        "control_acl",
+        bool,
+        False,
+        "MQTT: the broker ACL lets only the operator publish control: apply unsigned commands",
+    ),
+    Option("control_rate", float, 2.0, "control commands taken per second at most"),
+    Option("control_burst", int, 10, "control commands taken at once before the rate applies"),
+    Option("control_max_age", float, 300.0, "seconds a signed control command is valid"),
     Option("metrics_port", int, 0, "Prometheus metrics on this port (0: off)"),
     Option("metrics_host", str, "127.0.0.1", "address the metrics endpoint listens on"),
     Option("active_window", float, 60.0, "metrics: seconds a device stays active after an update"),
@@ -174,7 +196,12 @@ _PARTICIPANT_OPS = [
     Option("aggregator_key", str, None, "aggregator public key (file or folder): verify models"),
 ]
 _LOGGING = [option for option in _COMMON if option.name in ("log_level", "log_format")]
-_CTL = [_BROKER, *(option for option in _COMMON if option.name == "job"), *_LOGGING]
+_CTL = [
+    _BROKER,
+    *(option for option in _COMMON if option.name == "job"),
+    dataclasses.replace(_SIGNING_KEY, help="operator's Ed25519 private key: signs the command"),
+    *_LOGGING,
+]
 _KEYS = [
     _ID,
     Option("out", str, None, "keys create: folder for the new <id>.key and <id>.pub"),
@@ -194,6 +221,11 @@ _ACTIONS: dict[str, dict[str, _Action]] = {
             [("assignments", {"nargs": "+", "metavar": "NAME=VALUE"})],
         ),
         "reset": ("back to the settings the aggregator was started with", []),
+        "forget-device": (
+            "drop one device's sequence number (its state was wiped, or a forged update "
+            "left a huge one): its next update is taken whatever its seq",
+            [("assignments", {"nargs": 1, "metavar": "PARTICIPANT"})],
+        ),
     },
     "keys": {
         "create": ("a new key pair: --id ID --out DIR writes ID.key (0600) and ID.pub", []),
@@ -280,6 +312,43 @@ def aggregator_config(v: Values) -> AggregatorConfig:
         limits=WireLimits(max_message_bytes=v["max_message_bytes"]),
         update_verifier=_verifier(v.get("keys_dir"), v["job"]),
         model_signer=_signer(v.get("signing_key"), v["job"]),
+        control=control_config(v),
+    )
+
+
+def control_config(v: Values) -> ControlConfig:
+    """Who may send ``fedmq ctl`` commands (aggregator/_control.py); nobody by default.
+
+    Unsigned commands are taken only where the broker authenticates their publisher:
+    AMQP with ``control_publisher`` (RabbitMQ checks ``user_id``), MQTT with
+    ``control_acl`` (the operator says the broker's ACL lets nobody else publish). The
+    other transport's setting is ignored with a warning: it would authenticate nothing.
+    """
+    amqp = v["broker"].split("://", 1)[0] in ("amqp", "amqps")
+    publisher, acl = v.get("control_publisher"), v.get("control_acl", False)
+    ignored = (
+        "control_publisher" if publisher and not amqp else "control_acl" if acl and amqp else None
+    )
+    if ignored is not None:
+        log_event(
+            _log,
+            "control_setting_ignored",
+            logging.WARNING,
+            setting=ignored,
+            why="an MQTT subscriber cannot see who published; use --control-acl or --operator-keys"
+            if ignored == "control_publisher"
+            else "AMQP: any user may write the control queue; use --control-publisher or "
+            "--operator-keys",
+        )
+    keys, devices = v.get("operator_keys"), v.get("keys_dir")
+    if keys and devices and Path(keys).resolve() == Path(devices).resolve():
+        raise ConfigError("operator_keys: must not be the device key registry (--keys-dir)")
+    return ControlConfig(
+        operator_keys=_verifier(keys, v["job"]),
+        accept_unsigned=bool(publisher) if amqp else acl,
+        rate_per_s=v.get("control_rate", 2.0),
+        burst=v.get("control_burst", 10),
+        max_age_s=v.get("control_max_age", 300.0),
     )
 
 
@@ -338,7 +407,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo": "a whole fleet on one machine: aggregator + devices, live progress",
         "aggregator": "run the aggregator service",
         "participant": "run one device",
-        "ctl": "live tuning: `ctl set NAME=VALUE...` or `ctl reset` on a running aggregator",
+        "ctl": "operator commands to a running aggregator: `ctl set NAME=VALUE...`, "
+        "`ctl reset`, `ctl forget-device ID` (signed with --signing-key)",
         "keys": "signing keys: `keys create`, `keys register`, `keys list`",
         "bench": "fleet time-to-accuracy (BENCHMARK.md); --suite, --virtual, --throughput",
     }
@@ -495,7 +565,7 @@ async def _ctl(v: Values) -> int:
     from fedmq.admin import ctl
 
     config = transport_config({**v, "max_message_bytes": 64 * 1024 * 1024})
-    return await ctl(config, v["action"], v["assignments"])
+    return await ctl(config, v["action"], v["assignments"], _signer(v["signing_key"], v["job"]))
 
 
 async def _keys(v: Values) -> int:

@@ -61,6 +61,10 @@ class Reason(enum.StrEnum):
     BAD_SIGNATURE = "bad_signature"  # does not verify (tampered, wrong key, malformed sig)
     UNSIGNED = "unsigned"  # keys are configured, and the message is not signed
     UNKNOWN_KEY = "unknown_key"  # signed by a key id the registry does not hold
+    # control commands (fedmq ctl): refused before anything is applied
+    UNAUTHENTICATED = "unauthenticated"  # no operator key nor trusted publisher configured
+    REPLAYED = "replayed"  # a signed command outside the time window, or not newer
+    RATE_LIMITED = "rate_limited"  # over the aggregator's command rate
 
 
 class FedmqError(Exception):

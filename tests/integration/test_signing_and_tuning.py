@@ -3,7 +3,8 @@
 The aggregator runs as its own process (``python -m fedmq.cli aggregator``) with a key
 registry, its own signing key and the metrics endpoint. The test publishes updates as a
 device would, through the real broker, and changes the running aggregator's settings
-with the real ``fedmq ctl``; what happened is read from the metrics endpoint, the
+with the real ``fedmq ctl`` (signed by an operator key: with no operator configured,
+every command is refused); what happened is read from the metrics endpoint, the
 aggregator's JSON log and the models it publishes.
 """
 
@@ -23,18 +24,24 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aio_pika
 import aiomqtt
 import numpy as np
 import pytest
 
+from fedmq.aggregator._checkpoint import load_checkpoint
 from fedmq.models import build_model, get_params
-from fedmq.transport import TransportConfig, connect_participant
+from fedmq.transport import TransportConfig, connect_participant, send_control
+from fedmq.transport.amqp import amqp_names
 from fedmq.transport.mqtt import mqtt_topics
 from fedmq.wire import (
+    ControlEnvelope,
+    ControlValue,
     KeyRing,
     Signer,
     Verifier,
     create_key_pair,
+    encode_control,
     load_private_key,
     open_model,
     register_public_key,
@@ -175,11 +182,39 @@ def rejected(reason: str) -> str:
     return f'fedmq_updates_rejected_total{{reason="{reason}"}}'
 
 
-def ctl(url: str, job: str, *assignments: str) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, "-m", "fedmq.cli", "ctl", "set", f"--broker={url}", f"--job={job}"]
+def ctl(
+    url: str, job: str, *assignments: str, key: Path | None = None, action: str = "set"
+) -> subprocess.CompletedProcess[str]:
+    """The real ``fedmq ctl ACTION``, signed with ``key`` (an operator's) if given."""
+    command = [sys.executable, "-m", "fedmq.cli", "ctl", action, f"--broker={url}", f"--job={job}"]
+    if key is not None:
+        command.append(f"--signing-key={key}")
     return subprocess.run(
         [*command, *assignments], capture_output=True, text=True, timeout=120, check=False
     )
+
+
+def operator_keys(tmp_path: Path) -> tuple[Path, Path]:
+    """(the operator's private key, the aggregator's operator registry holding its .pub)."""
+    keys, registry = tmp_path / "operator-keys", tmp_path / "operators"
+    private, public = create_key_pair("operator", keys)
+    register_public_key("operator", public, registry)
+    return private, registry
+
+
+def control(issued: float, **values: ControlValue) -> bytes:
+    """A ``set`` command as ``fedmq ctl`` would encode it."""
+    return encode_control(
+        ControlEnvelope(id=f"t{issued:.6f}", command="set", values=values, issued=issued)
+    )
+
+
+def commands(result: str) -> str:
+    return f'fedmq_control_commands_total{{result="{result}"}}'
+
+
+def control_rejected(reason: str) -> str:
+    return f'fedmq_control_rejected_total{{reason="{reason}"}}'
 
 
 async def test_signed_updates_only_through_a_real_broker(
@@ -247,7 +282,8 @@ async def test_signed_updates_only_through_a_real_broker(
 
 
 async def test_ctl_set_retunes_a_running_aggregator(broker: str, job: str, tmp_path: Path) -> None:
-    with aggregator(broker, job, tmp_path) as agg:
+    key, registry = operator_keys(tmp_path)
+    with aggregator(broker, job, tmp_path, f"--operator-keys={registry}") as agg:
         await agg.until("the metrics endpoint", lambda m: m.get("fedmq_model_version") == 0)
         tuning = 'fedmq_tuning{knob="max_staleness"}'
         assert agg.metrics()[tuning] == 5
@@ -255,7 +291,9 @@ async def test_ctl_set_retunes_a_running_aggregator(broker: str, job: str, tmp_p
         async with connect_participant(config, "dev-01") as device:
             await device.publish_update(update("dev-01", 0, 0))
             await agg.until("version 1", lambda m: m["fedmq_model_version"] == 1)
-            sent = await asyncio.to_thread(ctl, broker, job, "alpha=0.25", "max_staleness=0")
+            sent = await asyncio.to_thread(
+                ctl, broker, job, "alpha=0.25", "max_staleness=0", key=key
+            )
             assert sent.returncode == 0, sent.stderr
             await agg.until("the change", lambda m: m[tuning] == 0)
             values = agg.metrics()
@@ -265,7 +303,9 @@ async def test_ctl_set_retunes_a_running_aggregator(broker: str, job: str, tmp_p
             await device.publish_update(update("dev-01", 1, 0))
             await agg.until("the stale update", lambda m: m[rejected("too_stale")] == 1)
             # An invalid value is refused whole, and the aggregator carries on.
-            refused = await asyncio.to_thread(ctl, broker, job, "alpha=5", "max_staleness=3")
+            refused = await asyncio.to_thread(
+                ctl, broker, job, "alpha=5", "max_staleness=3", key=key
+            )
             assert refused.returncode == 0, refused.stderr  # the broker took it
             await agg.until(
                 "the refusal", lambda m: m['fedmq_control_commands_total{result="rejected"}'] == 1
@@ -275,7 +315,7 @@ async def test_ctl_set_retunes_a_running_aggregator(broker: str, job: str, tmp_p
             await agg.until("version 2", lambda m: m["fedmq_model_version"] == 2)
     (tuned,) = agg.events("tuned")
     assert tuned["changes"] == {"alpha": [0.5, 0.25], "max_staleness": [5, 0]}
-    assert tuned["id"] in sent.stdout
+    assert tuned["id"] in sent.stdout and tuned["key_id"] == "operator"
     (refusal,) = agg.events("control_rejected")
     assert "alpha" in refusal["detail"]
 
@@ -298,3 +338,174 @@ async def test_amqp_control_commands_of_another_user_are_dropped(
             assert values['fedmq_control_commands_total{result="applied"}'] == 0
     finally:
         await delete_job_queues(amqp_url, job)
+
+
+async def flood(url: str, job: str, bodies: list[bytes]) -> None:
+    """Publish ``bodies`` on the job's control queue or topic as fast as one client can."""
+    if url.startswith("amqp"):
+        async with await aio_pika.connect(url) as connection:
+            channel = await connection.channel(publisher_confirms=True)
+            for start in range(0, len(bodies), 100):
+                await asyncio.gather(
+                    *(
+                        channel.default_exchange.publish(
+                            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+                            routing_key=amqp_names(job).control,
+                        )
+                        for body in bodies[start : start + 100]
+                    )
+                )
+        return
+    parts = urlsplit(url)
+    async with aiomqtt.Client(parts.hostname or "127.0.0.1", parts.port or 1883) as client:
+        for body in bodies:
+            await client.publish(mqtt_topics(job).control, body, qos=1)
+
+
+async def test_a_device_cannot_retune_an_aggregator_with_no_operator(
+    broker: str, job: str, tmp_path: Path
+) -> None:
+    """Issue #9: in the default configuration any device's command was applied and saved."""
+    checkpoints = tmp_path / "checkpoints"
+    with aggregator(broker, job, tmp_path, f"--checkpoint-dir={checkpoints}") as agg:
+        await agg.until("the metrics endpoint", lambda m: m.get("fedmq_model_version") == 0)
+        # What a device can send: an unsigned command, and one signed by its own key.
+        sent = await asyncio.to_thread(ctl, broker, job, "max_staleness=0", "alpha=1.0")
+        assert sent.returncode == 0, sent.stderr
+        handled = commands("applied"), commands("rejected")
+        await agg.until("the command handled", lambda m: sum(m[k] for k in handled) == 1)
+        values = agg.metrics()
+        assert values[commands("applied")] == 0
+        assert values['fedmq_tuning{knob="max_staleness"}'] == 5
+        assert values['fedmq_tuning{knob="alpha"}'] == 0.5
+        device_key, _ = create_key_pair("dev-01", tmp_path / "device")
+        signed = await asyncio.to_thread(ctl, broker, job, "alpha=1.0", key=device_key)
+        assert signed.returncode == 0, signed.stderr
+        await agg.until("both handled", lambda m: sum(m[k] for k in handled) == 2)
+        values = agg.metrics()
+        assert values[commands("applied")] == 0
+        assert values[control_rejected("unauthenticated")] == 2
+        assert values['fedmq_tuning{knob="alpha"}'] == 0.5
+    # Logged with how to enable fedmq ctl; nothing of it in the checkpoint.
+    refusal = agg.events("control_rejected")[0]
+    assert refusal["reason"] == "unauthenticated" and "--operator-keys" in refusal["detail"]
+    assert not agg.events("tuned")
+    checkpoint = load_checkpoint(checkpoints)
+    assert checkpoint is None or checkpoint.strategy == {}
+
+
+async def test_only_fresh_commands_signed_by_an_operator_key_are_applied(
+    broker: str, job: str, tmp_path: Path
+) -> None:
+    key, registry = operator_keys(tmp_path)
+    operator = Signer(load_private_key(key), job)
+    device = Signer(load_private_key(create_key_pair("dev-01", tmp_path / "device")[0]), job)
+    with aggregator(broker, job, tmp_path, f"--operator-keys={registry}") as agg:
+        await agg.until("the metrics endpoint", lambda m: m.get("fedmq_model_version") == 0)
+        now = time.time()
+        good = operator.seal(control(now, alpha=0.25))
+        config = TransportConfig(url=broker, job=job, connect_timeout_s=30.0)
+        for body in (
+            control(now, alpha=1.0),  # unsigned
+            device.seal(control(now + 1, alpha=1.0)),  # a device's key
+            Signer(operator.key, "another-job").seal(control(now + 2, alpha=1.0)),
+            good,
+            good,  # replayed
+            operator.seal(control(now - 1, alpha=1.0)),  # older than the last applied
+            operator.seal(control(now - 3600, alpha=1.0)),  # an old one, captured
+        ):
+            await send_control(config, body)
+        await agg.until(
+            "every command handled",
+            lambda m: m[commands("applied")] + m[commands("rejected")] == 7,
+        )
+        values = agg.metrics()
+        assert values[commands("applied")] == 1
+        assert values['fedmq_tuning{knob="alpha"}'] == 0.25
+        for reason, count in (
+            ("unsigned", 1),
+            ("unknown_key", 1),
+            ("bad_signature", 1),
+            ("replayed", 3),
+        ):
+            assert values[control_rejected(reason)] == count, (reason, values)
+
+
+async def test_a_command_flood_is_rate_limited_and_writes_no_checkpoints(
+    broker: str, job: str, tmp_path: Path
+) -> None:
+    """Issue #9: 2,000 commands applied about 650, each writing a checkpoint."""
+    key, registry = operator_keys(tmp_path)
+    operator = Signer(load_private_key(key), job)
+    with aggregator(
+        broker,
+        job,
+        tmp_path,
+        f"--operator-keys={registry}",
+        f"--checkpoint-dir={tmp_path / 'checkpoints'}",
+        "--log-level=debug",  # the "committed" line of every checkpoint write
+    ) as agg:
+        await agg.until("the metrics endpoint", lambda m: m.get("fedmq_model_version") == 0)
+        now = time.time()
+        bodies = []
+        for i in range(1000):  # an operator's valid commands, and as many unsigned ones
+            alpha = 0.1 + (i % 9) / 10
+            bodies.append(operator.seal(control(now + i / 1000, alpha=alpha)))
+            bodies.append(control(now + i / 1000, alpha=alpha))
+        started = time.monotonic()
+        await flood(broker, job, bodies)
+        handled = -1.0
+        while True:  # until the aggregator has handled what reached it
+            await asyncio.sleep(3)
+            values = await asyncio.to_thread(agg.metrics)
+            now_handled = values[commands("applied")] + values[commands("rejected")]
+            if now_handled == handled:
+                break
+            handled = now_handled
+        elapsed = time.monotonic() - started
+    applied = int(values[commands("applied")])
+    commits = len(agg.events("committed"))
+    print(
+        f"handled {handled:.0f} of 2000, applied {applied}, checkpoints {commits}, {elapsed:.1f} s"
+    )
+    assert handled >= 500  # the broker and the transport keep at least this many
+    # The default bucket: a burst of 10, then 2 a second; the unsigned half is refused
+    # before it takes a token, so it cannot starve the operator.
+    assert 10 <= applied <= 10 + 2 * elapsed + 2, (applied, elapsed)
+    refused = values[control_rejected("rate_limited")] + values[control_rejected("unsigned")]
+    assert applied + refused == handled
+    # One checkpoint per applied command at most (plus the final one at shutdown).
+    assert commits <= applied + 1, (commits, applied)
+
+
+async def test_an_operator_forgets_a_device_sequence_number(
+    broker: str, job: str, tmp_path: Path
+) -> None:
+    """Issue #9: a forged update with seq 2^64-1 locked its device out for good."""
+    key, registry = operator_keys(tmp_path)
+    with aggregator(
+        broker,
+        job,
+        tmp_path,
+        f"--operator-keys={registry}",
+        f"--checkpoint-dir={tmp_path / 'checkpoints'}",
+    ) as agg:
+        await agg.until("the metrics endpoint", lambda m: m.get("fedmq_model_version") == 0)
+        config = TransportConfig(url=broker, job=job, connect_timeout_s=30.0)
+        async with connect_participant(config, "dev-01") as device:
+            await device.publish_update(update("dev-01", 2**64 - 1, 0))
+            await agg.until("version 1", lambda m: m["fedmq_model_version"] == 1)
+            await device.publish_update(update("dev-01", 1, 1))
+            await agg.until("the lock-out", lambda m: m[rejected("duplicate")] == 1)
+            sent = await asyncio.to_thread(
+                ctl, broker, job, "dev-01", key=key, action="forget-device"
+            )
+            assert sent.returncode == 0, sent.stderr
+            await agg.until("the command", lambda m: m[commands("applied")] == 1)
+            await device.publish_update(update("dev-01", 1, 1))
+            await agg.until("version 2", lambda m: m["fedmq_model_version"] == 2)
+    checkpoint = load_checkpoint(tmp_path / "checkpoints")  # the last, at shutdown
+    assert checkpoint is not None and checkpoint.last_seq == {"dev-01": 1}
+    (forgot,) = agg.events("forgot")
+    assert forgot["participant"] == "dev-01" and forgot["last_seq"] == 2**64 - 1
+    assert forgot["id"] in sent.stdout

@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from fedmq.aggregator import AccuracyPoint, Aggregator, AggregatorConfig, MetricsServer
+from fedmq.aggregator import (
+    AccuracyPoint,
+    Aggregator,
+    AggregatorConfig,
+    ControlConfig,
+    MetricsServer,
+)
 from fedmq.aggregator._histogram import Histogram
 from fedmq.aggregator._metrics import registry_for, render_metrics
 from fedmq.errors import ConfigError
@@ -46,7 +52,12 @@ async def running(job: str) -> AsyncIterator[Aggregator]:
         asyncio.TaskGroup() as tg,
     ):
         aggregator = Aggregator(
-            AggregatorConfig(strategy=FEDBUFF, eval_every=0, publish_interval_s=0.0),
+            AggregatorConfig(
+                strategy=FEDBUFF,
+                eval_every=0,
+                publish_interval_s=0.0,
+                control=ControlConfig(accept_unsigned=True),  # in-process broker
+            ),
             transport,
             INITIAL,
         )

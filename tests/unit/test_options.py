@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedmq._options import Option, add_options, resolve_options
-from fedmq.cli import COMMANDS, main
+from fedmq.cli import COMMANDS, control_config, main
 from fedmq.errors import ConfigError
 
 OPTIONS = [
@@ -90,3 +90,34 @@ def test_every_command_has_distinct_option_names() -> None:
     for name, options in COMMANDS.items():
         names = [o.name for o in options]
         assert len(names) == len(set(names)), name
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--control-rate", "0"], "control_rate"),
+        (["--operator-keys", ".", "--keys-dir", "."], "operator_keys"),
+    ],
+)
+def test_cli_refuses_bad_control_settings(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["aggregator", "--broker", "amqp://x/", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("broker", "publisher", "acl", "unsigned"),
+    [
+        ("amqp://x/", None, False, False),  # the default: nobody
+        ("amqps://x/", "operator", False, True),  # RabbitMQ checks user_id
+        ("amqp://x/", None, True, False),  # any user may write the control queue
+        ("mqtt://x", "operator", False, False),  # an MQTT subscriber cannot check it
+        ("mqtt://x", None, True, True),  # the operator vouches for the broker ACL
+    ],
+)
+def test_unsigned_commands_only_where_the_broker_authenticates(
+    broker: str, publisher: str | None, acl: bool, unsigned: bool
+) -> None:
+    values = {"broker": broker, "job": "j", "control_publisher": publisher, "control_acl": acl}
+    assert control_config(values).accept_unsigned is unsigned

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,10 +15,12 @@ import numpy as np
 import pytest
 
 from fedmq.admin import ctl
-from fedmq.aggregator import Aggregator, AggregatorConfig
+from fedmq.aggregator import Aggregator, AggregatorConfig, ControlConfig
 from fedmq.aggregator._checkpoint import load_checkpoint
+from fedmq.aggregator._control import ControlGate
 from fedmq.aggregator._tuning import (
     changes,
+    handle_control,
     knob_values,
     parse_assignments,
     strategy_from_dict,
@@ -35,8 +38,13 @@ from fedmq.strategies import (
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant, send_control
 from fedmq.wire import (
     ControlEnvelope,
+    KeyRing,
+    Signer,
+    Verifier,
+    create_key_pair,
     decode_control,
     encode_control,
+    load_private_key,
 )
 from tests import updates
 from tests.updates import INITIAL, delta
@@ -52,6 +60,8 @@ FEDBUFF = StrategyConfig(
     max_staleness=10,
     fedbuff=FedBuffConfig(buffer_size=4, staleness=StalenessConfig(function="constant")),
 )
+# The embedded broker is in-process: only this test can publish a command.
+TRUSTED = ControlConfig(accept_unsigned=True)
 
 
 def update(pid: str, seq: int, base: int, value: float = 1.0) -> bytes:
@@ -236,7 +246,9 @@ async def test_ctl_set_changes_a_running_aggregator_between_updates(
     job: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, "fedmq.aggregator")
-    async with running(AggregatorConfig(strategy=FEDASYNC, eval_every=0), job) as aggregator:
+    async with running(
+        AggregatorConfig(strategy=FEDASYNC, eval_every=0, control=TRUSTED), job
+    ) as aggregator:
         await send(job, "dev-1", update("dev-1", 0, 0))
         await until(lambda: aggregator.version == 1)
         await command(job, "alpha=0.25", "max_staleness=0")
@@ -256,7 +268,9 @@ async def test_ctl_set_changes_a_running_aggregator_between_updates(
 
 
 async def test_a_bad_command_is_refused_counted_and_the_service_goes_on(job: str) -> None:
-    async with running(AggregatorConfig(strategy=FEDASYNC, eval_every=0), job) as aggregator:
+    async with running(
+        AggregatorConfig(strategy=FEDASYNC, eval_every=0, control=TRUSTED), job
+    ) as aggregator:
         await send_control(TransportConfig(url=URL, job=job), b"\xc1garbage")
         body = encode_control(ControlEnvelope(id="x", command="set", values={"alpha": 7.0}))
         await send_control(TransportConfig(url=URL, job=job), body)
@@ -268,7 +282,9 @@ async def test_a_bad_command_is_refused_counted_and_the_service_goes_on(job: str
 
 
 async def test_a_smaller_buffer_already_full_is_flushed_at_once(job: str) -> None:
-    async with running(AggregatorConfig(strategy=FEDBUFF, eval_every=0), job) as aggregator:
+    async with running(
+        AggregatorConfig(strategy=FEDBUFF, eval_every=0, control=TRUSTED), job
+    ) as aggregator:
         await send(job, "dev-1", *(update("dev-1", s, 0, value=float(s + 1)) for s in range(3)))
         await until(lambda: aggregator.stats.buffered == 3)
         await command(job, "buffer_size=5")  # larger: keeps waiting
@@ -284,7 +300,9 @@ async def test_a_smaller_buffer_already_full_is_flushed_at_once(job: str) -> Non
 
 
 async def test_retune_refuses_another_strategy(job: str) -> None:
-    async with running(AggregatorConfig(strategy=FEDASYNC, eval_every=0), job) as aggregator:
+    async with running(
+        AggregatorConfig(strategy=FEDASYNC, eval_every=0, control=TRUSTED), job
+    ) as aggregator:
         with pytest.raises(ConfigError, match="cannot become fedbuff"):
             await aggregator.retune(dataclasses.replace(FEDASYNC, name="fedbuff"))
         assert aggregator.config.strategy == FEDASYNC
@@ -293,7 +311,9 @@ async def test_retune_refuses_another_strategy(job: str) -> None:
 async def test_the_tuned_config_is_checkpointed_and_wins_over_the_command_line(
     job: str, tmp_path: Path
 ) -> None:
-    config = AggregatorConfig(strategy=FEDASYNC, eval_every=0, checkpoint_dir=tmp_path)
+    config = AggregatorConfig(
+        strategy=FEDASYNC, eval_every=0, checkpoint_dir=tmp_path, control=TRUSTED
+    )
     async with running(config, job) as aggregator:
         await command(job, "alpha=0.3")
         await until(lambda: aggregator.stats.controls["applied"] == 1)
@@ -310,3 +330,48 @@ async def test_the_tuned_config_is_checkpointed_and_wins_over_the_command_line(
         assert aggregator.config.strategy == other.strategy
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint is not None and checkpoint.strategy == {}
+
+
+# -- forget-device, and signed commands across a restart --------------------------------
+
+
+async def test_forget_and_the_replay_floor_survive_a_restart(job: str, tmp_path: Path) -> None:
+    private, public = create_key_pair("operator", tmp_path / "keys")
+    config = AggregatorConfig(
+        eval_every=0,
+        checkpoint_dir=tmp_path / "ckpt",
+        control=ControlConfig(operator_keys=Verifier(KeyRing(public), job)),
+    )
+    transport = TransportConfig(url=URL, job=job)
+    forget = Signer(load_private_key(private), job).seal(
+        encode_control(
+            ControlEnvelope(
+                id="f", command="forget", values={"participant": "dev-01"}, issued=time.time()
+            )
+        )
+    )
+    async with running(config, job) as aggregator, connect_participant(transport, "dev-01") as dev:
+        await dev.publish_update(updates.update("dev-01", 2**64 - 1, 0, delta(1.0)))
+        await until(lambda: aggregator.stats.applied == 1)
+        await dev.publish_update(updates.update("dev-01", 1, 0, delta(1.0)))
+        await until(lambda: aggregator.stats.rejected["duplicate"] == 1)
+        await send_control(transport, forget)
+        await until(lambda: aggregator.stats.controls["applied"] == 1)
+        await dev.publish_update(updates.update("dev-01", 1, 1, delta(1.0)))
+        await until(lambda: aggregator.stats.applied == 2)
+    async with running(dataclasses.replace(config), job) as aggregator:
+        assert aggregator.control_issued > 0
+        await send_control(transport, forget)  # a replay, after a restart
+        await until(lambda: aggregator.stats.control_rejected["replayed"] == 1)
+        assert aggregator.stats.controls["applied"] == 0
+
+
+async def test_forgetting_an_unknown_participant_is_refused(job: str) -> None:
+    config = AggregatorConfig(eval_every=0, control=ControlConfig(accept_unsigned=True))
+    async with running(config, job) as aggregator:
+        body = encode_control(
+            ControlEnvelope(id="f", command="forget", values={"participant": "nobody"})
+        )
+        gate_ = ControlGate(config.control)
+        assert not await handle_control(aggregator, body, gate_)
+        assert aggregator.stats.control_rejected == {"invalid": 1}

@@ -2,6 +2,7 @@
 
 from fedmq.aggregator._bounds import BoundsConfig
 from fedmq.aggregator._config import AggregatorConfig
+from fedmq.aggregator._control import ControlConfig
 from fedmq.aggregator._downlink import Downlink, DownlinkConfig
 from fedmq.aggregator._evaluator import Evaluator
 from fedmq.aggregator._metrics import AggregatorCollector, MetricsConfig, MetricsServer
@@ -15,6 +16,7 @@ __all__ = [
     "AggregatorConfig",
     "AggregatorStats",
     "BoundsConfig",
+    "ControlConfig",
     "Downlink",
     "DownlinkConfig",
     "Evaluator",

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmq.aggregator._bounds import BoundsConfig
+from fedmq.aggregator._control import ControlConfig
 from fedmq.aggregator._downlink import DownlinkConfig
 from fedmq.errors import ConfigError
 from fedmq.strategies import StrategyConfig
@@ -34,6 +35,8 @@ class AggregatorConfig:
     ``downlink``: models in full float32 (the default) or as compressed deltas.
     ``update_verifier``: if set, only updates signed by a registered device key are
     applied (``fedmq.signed/1``); ``model_signer``: if set, every model is signed.
+    ``control``: which operator commands (``fedmq ctl``) are applied, and how fast;
+    by default none (aggregator/_control.py).
     """
 
     model: str = "cnn-s"
@@ -53,6 +56,7 @@ class AggregatorConfig:
     downlink: DownlinkConfig = field(default_factory=DownlinkConfig)
     update_verifier: Verifier | None = None
     model_signer: Signer | None = None
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     def __post_init__(self) -> None:
         if self.model not in ("cnn-s", "mlp"):

@@ -181,6 +181,14 @@ class AggregatorCollector(Collector):
         for result in ("applied", "rejected"):
             commands.add_metric([result], aggregator.stats.controls.get(result, 0))
         yield commands
+        refused = CounterMetricFamily(
+            "fedmq_control_rejected",
+            "Control commands refused, by reason (docs/wire-format.md, section 11)",
+            labels=["reason"],
+        )
+        for reason, count in sorted(aggregator.stats.control_rejected.items()):
+            refused.add_metric([reason], count)
+        yield refused
 
 
 def render_metrics(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:

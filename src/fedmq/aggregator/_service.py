@@ -52,7 +52,7 @@ from fedmq.aggregator._tuning import (
 )
 from fedmq.aggregator._versions import VersionStore
 from fedmq.codecs import CodecConfig, SparseTensor, encode_params
-from fedmq.errors import Reason, RejectedUpdate, Rejection
+from fedmq.errors import ConfigError, Reason, RejectedUpdate, Rejection
 from fedmq.strategies import Contribution, Delta, StrategyConfig, make_strategy
 from fedmq.transport import AggregatorTransport, Delivery
 from fedmq.wire import (
@@ -123,6 +123,8 @@ class Aggregator:
         # Checkpoints written so far, carried across restarts: numbers the audit trail.
         self._commits = 0
         self._last_applied: dict[str, list[int]] = {}
+        # ``issued`` of the last signed control command admitted: replays are refused.
+        self.control_issued = 0.0
         self.resumed_from: int | None = None
         self._versions: VersionStore | None = None
         if config.checkpoint_dir is not None:
@@ -175,6 +177,7 @@ class Aggregator:
         self.stats.buffered = self._strategy.pending(self._state)
         self.resumed_from = self._version
         self._commits = counters.get("commits", 0)
+        self.control_issued = float(counters.get("control_issued", 0.0))
         # The applies of the checkpoint resumed from: its "committed" line may have been
         # lost if the process died right after writing it, so say them again.
         log_event(
@@ -353,6 +356,18 @@ class Aggregator:
             if self.config.checkpoint_dir is not None:
                 await asyncio.shield(self._commit(force=True))
 
+    async def forget_participant(self, participant: str) -> int:
+        """Drop ``participant``'s sequence number between two updates (``fedmq ctl
+        forget-device``): its next update is admitted whatever its ``seq``. Returns the
+        forgotten number; ConfigError if there is none. Durable on return (checkpoint)."""
+        async with self._apply_lock:
+            last = self._last_seq.pop(participant, None)
+            if last is None:
+                raise ConfigError(f"participant {participant!r}: no sequence number is held")
+            if self.config.checkpoint_dir is not None:
+                await asyncio.shield(self._commit(force=True))
+            return last
+
     def set_round(self, version: int, size: int) -> None:
         """A synchronous round on model ``version`` has ``size`` participants.
 
@@ -438,6 +453,7 @@ class Aggregator:
                 "commits": self._commits,
                 "last_applied": self._last_applied,
                 "recent_norms": self._bounds.recent,
+                "control_issued": self.control_issued,
             },
             strategy=strategy_to_dict(self._tuned) if self._tuned is not None else {},
         )

@@ -48,6 +48,7 @@ class AggregatorStats:
     apply_seconds: Histogram = field(default_factory=Histogram)  # of applied updates
     last_seen: dict[str, float] = field(default_factory=dict)  # participant -> monotonic
     controls: Counter[str] = field(default_factory=Counter)  # "applied" / "rejected"
+    control_rejected: Counter[str] = field(default_factory=Counter)  # by reason
 
     @property
     def elapsed_s(self) -> float:

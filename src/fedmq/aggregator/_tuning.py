@@ -30,6 +30,12 @@ Durability: with a checkpoint directory, the tuned configuration is checkpointed
 before ``retune`` returns, and on restart **it wins over the command line** (the
 ``resumed`` log line lists the differences). ``fedmq ctl reset`` goes back to the
 configuration the aggregator was started with.
+
+``fedmq ctl forget-device ID`` (command ``forget``) drops one participant's sequence
+number (``Aggregator.forget_participant``), e.g. after its state folder was wiped.
+
+Who may send commands, how fast, and replays: aggregator/_control.py (``ControlGate``);
+with nothing configured every command is refused.
 """
 
 from __future__ import annotations
@@ -42,9 +48,10 @@ from typing import TYPE_CHECKING, Any, get_type_hints
 
 from fedmq._log import log_event
 from fedmq.aggregator._config import AggregatorConfig
-from fedmq.errors import ConfigError, WireError
+from fedmq.aggregator._control import HINT, ControlGate
+from fedmq.errors import ConfigError, Rejection
 from fedmq.strategies import STALENESS_FUNCTIONS, StalenessConfig, StrategyConfig, StrategyName
-from fedmq.wire import ControlValue, decode_control
+from fedmq.wire import ControlValue
 
 if TYPE_CHECKING:
     from fedmq.aggregator._service import Aggregator
@@ -266,29 +273,34 @@ def strategy_from_dict(data: Mapping[str, Any]) -> StrategyConfig:
     return config
 
 
-async def handle_control(aggregator: Aggregator, body: bytes) -> bool:
-    """Apply one control command to ``aggregator``; False (logged, counted) if refused."""
+async def handle_control(aggregator: Aggregator, body: bytes, gate: ControlGate) -> bool:
+    """Apply one control command to ``aggregator``; False (logged, counted) if refused.
+
+    ``gate`` (aggregator/_control.py) first: rate, authentication, replays. Only an
+    admitted command is decoded further, applied, and checkpointed.
+    """
     stats = aggregator.stats
     try:
-        command = decode_control(body)
-    except WireError as error:
+        command, key_id = gate.admit(body)
+    except Rejection as rejection:
         stats.controls["rejected"] += 1
-        log_event(
-            _log,
-            "control_rejected",
-            logging.WARNING,
-            reason=error.reason.value,
-            detail=error.detail,
-        )
+        stats.control_rejected[rejection.reason.value] += 1
+        gate.log_refusal(rejection)
         return False
+    # Persisted with the next checkpoint (a retune or forget writes one at once).
+    aggregator.control_issued = gate.last_issued
     before = aggregator.config.strategy
+    forgotten: int | None = None
     try:
-        if command.command == "reset":
+        if command.command == "forget":
+            forgotten = await aggregator.forget_participant(str(command.values["participant"]))
+        elif command.command == "reset":
             await aggregator.retune(None)
         else:
             await aggregator.retune(tuned(before, command.values))
     except ConfigError as error:
         stats.controls["rejected"] += 1
+        stats.control_rejected["invalid"] += 1
         log_event(
             _log,
             "control_rejected",
@@ -296,10 +308,23 @@ async def handle_control(aggregator: Aggregator, body: bytes) -> bool:
             id=command.id,
             command=command.command,
             values=dict(command.values),
+            key_id=key_id,
+            reason="invalid",
             detail=str(error),
         )
         return False
     stats.controls["applied"] += 1
+    if command.command == "forget":
+        log_event(
+            _log,
+            "forgot",
+            logging.WARNING,
+            id=command.id,
+            participant=command.values["participant"],
+            last_seq=forgotten,
+            key_id=key_id,
+        )
+        return True
     log_event(
         _log,
         "tuned",
@@ -307,11 +332,26 @@ async def handle_control(aggregator: Aggregator, body: bytes) -> bool:
         command=command.command,
         changes={k: list(pair) for k, pair in changes(before, aggregator.config.strategy).items()},
         version=aggregator.version,
+        key_id=key_id,
     )
     return True
 
 
 async def serve_controls(aggregator: Aggregator, controls: AsyncIterator[bytes]) -> None:
-    """Apply every control command ``controls`` yields, one at a time, until it ends."""
+    """Apply every control command ``controls`` yields, one at a time, until it ends.
+
+    Only those ``aggregator.config.control`` admits (aggregator/_control.py).
+    """
+    config = aggregator.config.control
+    gate = ControlGate(config, last_issued=aggregator.control_issued)
+    log_event(
+        _log,
+        "control",
+        operator_keys=str(config.operator_keys.keys.path) if config.operator_keys else None,
+        unsigned=config.accept_unsigned,
+        rate_per_s=config.rate_per_s,
+        burst=config.burst,
+        hint=None if config.enabled else HINT,
+    )
     async for body in controls:
-        await handle_control(aggregator, body)
+        await handle_control(aggregator, body, gate)

@@ -12,7 +12,9 @@ Signing (``fedmq.signed/1``): a ``Signer`` seals encoded bytes with an Ed25519 k
 """
 
 from fedmq.wire._control import (
+    CONTROL_LIMITS,
     SCHEMA_CONTROL,
+    ControlCommand,
     ControlEnvelope,
     ControlValue,
     decode_control,
@@ -59,6 +61,7 @@ from fedmq.wire._signed import (
     Verifier,
     decode_signed,
     encode_signed,
+    is_signed,
     open_model,
     open_signed,
     open_update,
@@ -66,6 +69,7 @@ from fedmq.wire._signed import (
 )
 
 __all__ = [
+    "CONTROL_LIMITS",
     "MAX_PARTICIPANT_ID",
     "PARTICIPANT_ID_PATTERN",
     "PARTICIPANT_ID_RULE",
@@ -74,6 +78,7 @@ __all__ = [
     "SCHEMA_MODEL_DELTA",
     "SCHEMA_SIGNED",
     "SCHEMA_UPDATE",
+    "ControlCommand",
     "ControlEnvelope",
     "ControlValue",
     "KeyRing",
@@ -100,6 +105,7 @@ __all__ = [
     "encode_update",
     "fingerprint",
     "is_participant_id",
+    "is_signed",
     "key_owner",
     "load_private_key",
     "load_public_key",
