@@ -37,7 +37,7 @@ from fedmq.strategies import (
     StalenessConfig,
     StrategyConfig,
 )
-from fedmq.transport import TransportConfig
+from fedmq.transport import SENDER_IDENTITIES, TransportConfig
 from fedmq.wire import KeyRing, Signer, Verifier, WireLimits
 
 __all__ = ["main"]
@@ -48,7 +48,12 @@ _COMMON = [
     Option("job", str, "default", "job name; namespaces every queue and topic"),
     Option("data_dir", str, None, "folder holding fashion-mnist/ (the IDX files)"),
     Option("model", str, "cnn-s", "model architecture", ("cnn-s", "mlp")),
-    Option("max_message_bytes", int, 64 * 1024 * 1024, "largest message sent or accepted"),
+    Option(
+        "max_message_bytes",
+        int,
+        None,
+        "largest message sent or accepted (default: what the model needs, 9 bytes a value)",
+    ),
     Option("log_level", str, "info", "log level", ("debug", "info", "warning", "error")),
     Option("log_format", str, "text", "log line format", ("text", "json")),
 ]
@@ -158,6 +163,13 @@ _AGGREGATOR_OPS = [
     _KEYS_DIR,
     _SIGNING_KEY,
     Option("control_publisher", str, None, "AMQP: take control commands only from this user"),
+    Option(
+        "sender_identity",
+        str,
+        "claimed",
+        "AMQP: an update's sender is its broker login (user_id) or its claimed header",
+        SENDER_IDENTITIES,
+    ),
     Option("metrics_port", int, 0, "Prometheus metrics on this port (0: off)"),
     Option("metrics_host", str, "0.0.0.0", "address the metrics endpoint listens on"),
     Option("active_window", float, 60.0, "metrics: seconds a device stays active after an update"),
@@ -165,6 +177,7 @@ _AGGREGATOR_OPS = [
 _PARTICIPANT_OPS = [
     _SIGNING_KEY,
     Option("aggregator_key", str, None, "aggregator public key (file or folder): verify models"),
+    Option("model_publisher", str, None, "AMQP: take models only from this broker user"),
 ]
 _LOGGING = [option for option in _COMMON if option.name in ("log_level", "log_format")]
 _CTL = [_BROKER, *(option for option in _COMMON if option.name == "job"), *_LOGGING]
@@ -223,6 +236,8 @@ def transport_config(v: Values, *, service: bool = False) -> TransportConfig:
         max_message_bytes=v["max_message_bytes"],
         prefetch=v.get("prefetch", 32),
         control_publisher=v.get("control_publisher"),
+        model_publisher=v.get("model_publisher"),
+        sender_identity=v.get("sender_identity", "claimed"),
         wait_for_broker=service,
     )
 
@@ -309,6 +324,15 @@ def participant_config(v: Values, participant_id: str, state_dir: Path) -> Parti
     )
 
 
+def _message_limit(model: str) -> int:
+    """The default ``max_message_bytes``: the largest update or model ``model`` can need
+    (fedmq.wire.message_limit_for), so a larger message is refused on arrival."""
+    from fedmq.models import build_model, get_params
+    from fedmq.wire import message_limit_for
+
+    return message_limit_for(get_params(build_model(model, seed=0)))  # type: ignore[arg-type]
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``"3/20"`` -> (3, 20); the index is 0-based."""
     try:
@@ -387,6 +411,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in _ACTIONS:
             values.update(action=args.action, assignments=getattr(args, "assignments", []))
         configure_logging(level=values["log_level"], json_format=values["log_format"] == "json")
+        if "max_message_bytes" in values and values["max_message_bytes"] is None:
+            values["max_message_bytes"] = _message_limit(values["model"])
         runner: Callable[[Values], Coroutine[Any, Any, int]] = _RUNNERS[args.command]
         return _run(runner(values))
     except FedmqError as error:

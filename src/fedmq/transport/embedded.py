@@ -173,6 +173,10 @@ class _EmbeddedDelivery:
         return self._entry.participant
 
     @property
+    def refused(self) -> Rejection | None:
+        return None
+
+    @property
     def redelivered(self) -> bool:
         return self._entry.redelivered
 
