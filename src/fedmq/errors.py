@@ -53,7 +53,7 @@ class Reason(enum.StrEnum):
     TOO_STALE = "too_stale"
     FUTURE_BASE = "future_base"  # base version newer than the aggregator's model
     UNKNOWN_PARTICIPANT = "unknown_participant"
-    PARTICIPANT_MISMATCH = "participant_mismatch"  # envelope id differs from the topic / key
+    PARTICIPANT_MISMATCH = "participant_mismatch"  # envelope id is not the sender / key owner
     NORM_BOUND = "norm_bound"
     BAD_SIGNATURE = "bad_signature"  # does not verify (tampered, wrong key, malformed sig)
     UNSIGNED = "unsigned"  # keys are configured, and the message is not signed

@@ -129,6 +129,36 @@ async def test_login_identity_is_the_broker_verified_user_id(amqp_url: str, job:
     assert stats.applied == 1
 
 
+@pytest.mark.usefixtures("clean")
+async def test_participant_process_takes_models_only_from_the_model_publisher(
+    amqp_url: str, job: str, tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """FEDMQ_MODEL_PUBLISHER reaches the participant's transport (before: no such option,
+    so a model appended to the stream by any user was believed)."""
+    config = _config(amqp_url, job)
+    args = [
+        f"--broker={amqp_url}",
+        f"--job={job}",
+        "--id=dev-01",
+        "--shard=0/1",
+        "--max-examples=64",
+        f"--data-dir={data_dir}",
+        f"--state-dir={tmp_path / 'state'}",
+    ]
+    monkeypatch.setenv("FEDMQ_MODEL_PUBLISHER", "aggregator")
+    participant = Process(["participant", *args], tmp_path / "participant.log")
+    try:
+        async with connect_aggregator(config) as agg:  # logs in as guest, not aggregator
+            deadline = time.monotonic() + 90
+            while "dropped a model published by user 'guest'" not in participant.text():
+                assert participant.popen.poll() is None, participant.text()
+                assert time.monotonic() < deadline, participant.text()
+                await agg.publish_model(b"not-from-the-aggregator", version=1)
+                await asyncio.sleep(0.5)
+    finally:
+        participant.stop()
+
+
 # -- bytes held ---------------------------------------------------------------------------
 
 
