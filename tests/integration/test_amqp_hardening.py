@@ -81,6 +81,17 @@ async def forge(url: str, job: str, body: bytes, **properties: Any) -> None:
         )
 
 
+async def first_rejection(url: str, job: str) -> aio_pika.abc.AbstractIncomingMessage:
+    """The oldest record in the job's rejected queue (taken off it)."""
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(amqp_names(job).rejected, passive=True)
+        record = await queue.get(timeout=10)
+        assert record is not None
+        await record.ack()
+        return record
+
+
 # -- who an update is from --------------------------------------------------------------
 
 
@@ -167,19 +178,13 @@ async def test_oversize_update_is_dropped_on_arrival_and_counted_too_large(
     amqp_url: str, job: str
 ) -> None:
     config = _config(amqp_url, job)
-    names = amqp_names(job)
     async with running(config) as aggregator:
         await forge(amqp_url, job, b"\x00" * (config.max_message_bytes + 1))
         await handled(aggregator, 1)
         async with asyncio.timeout(10):
             while aggregator.stats.rejected[Reason.TOO_LARGE.value] < 1:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
-    async with await aio_pika.connect(amqp_url) as connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(names.rejected, passive=True)
-        record = await queue.get(timeout=10)
-        assert record is not None
-        await record.ack()
+    record = await first_rejection(amqp_url, job)
     assert record.headers["reason"] == "too_large"
     assert record.headers["original-size"] == config.max_message_bytes + 1
     assert record.headers["truncated"] is True
@@ -209,12 +214,7 @@ async def test_rejection_records_are_bounded_in_bytes(amqp_url: str, job: str) -
         await part.publish_update(big)
         delivery = await anext(aiter(agg.updates()))
         await delivery.reject(RejectedUpdate(Reason.NORM_BOUND, "too big a step"))
-    async with await aio_pika.connect(amqp_url) as connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(names.rejected, passive=True)
-        record = await queue.get(timeout=10)
-        assert record is not None
-        await record.ack()
+    record = await first_rejection(amqp_url, job)
     assert record.body == big[:REJECTED_BODY_MAX]
     assert record.headers["original-size"] == len(big)
     assert record.headers["truncated"] is True
