@@ -191,16 +191,23 @@ async def test_oversize_update_is_dropped_on_arrival_and_counted_too_large(
     assert record.body == b""  # nothing of it was kept
 
 
-def test_in_flight_window_is_bounded_by_bytes(amqp_url: str, job: str) -> None:
-    """RabbitMQ has no prefetch_size: the window shrinks to fit max_inflight_bytes."""
-    from fedmq.transport.amqp import AmqpAggregator
-
-    def window(**extra: Any) -> int:
-        return AmqpAggregator(TransportConfig(url=amqp_url, job=job, **extra))._prefetch
-
-    assert window(prefetch=32, max_message_bytes=1 << 20, max_inflight_bytes=256 << 20) == 32
-    assert window(prefetch=32, max_message_bytes=64 << 20, max_inflight_bytes=256 << 20) == 4
-    assert window(prefetch=32, max_message_bytes=64 << 20, max_inflight_bytes=1 << 20) == 1
+@pytest.mark.usefixtures("clean")
+async def test_in_flight_window_is_bounded_by_bytes(amqp_url: str, job: str) -> None:
+    """RabbitMQ has no prefetch_size: the window shrinks to max_inflight_bytes //
+    max_message_bytes deliveries (here 3 of a prefetch of 32)."""
+    config = _config(amqp_url, job, prefetch=32, max_inflight_bytes=3 * 256 * 1024)
+    async with connect_aggregator(config) as agg, connect_participant(config, "p1") as part:
+        for i in range(5):
+            await part.publish_update(b"u%d" % i)
+        updates = aiter(agg.updates())
+        async with asyncio.timeout(10):
+            held = [await anext(updates) for _ in range(3)]
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await anext(updates)
+        await held[0].ack()
+        async with asyncio.timeout(10):
+            assert (await anext(updates)).body == b"u3"
 
 
 @pytest.mark.usefixtures("clean")
