@@ -38,7 +38,7 @@ from fedmq.strategies import (
     StalenessConfig,
     StrategyConfig,
 )
-from fedmq.transport import TransportConfig
+from fedmq.transport import SENDER_IDENTITIES, TransportConfig
 from fedmq.wire import KeyRing, Signer, Verifier, WireLimits
 
 __all__ = ["main"]
@@ -50,7 +50,12 @@ _COMMON = [
     Option("job", str, "default", "job name; namespaces every queue and topic"),
     Option("data_dir", str, None, "folder holding fashion-mnist/ (the IDX files)"),
     Option("model", str, "cnn-s", "model architecture", ("cnn-s", "mlp")),
-    Option("max_message_bytes", int, 64 * 1024 * 1024, "largest message sent or accepted"),
+    Option(
+        "max_message_bytes",
+        int,
+        None,
+        "largest message sent or accepted (default: what the model needs, 9 bytes a value)",
+    ),
     Option("log_level", str, "info", "log level", ("debug", "info", "warning", "error")),
     Option("log_format", str, "text", "log line format", ("text", "json")),
 ]
@@ -187,6 +192,13 @@ _AGGREGATOR_OPS = [
     Option("control_rate", float, 2.0, "control commands taken per second at most"),
     Option("control_burst", int, 10, "control commands taken at once before the rate applies"),
     Option("control_max_age", float, 300.0, "seconds a signed control command is valid"),
+    Option(
+        "sender_identity",
+        str,
+        "claimed",
+        "AMQP: an update's sender is its broker login (user_id) or its claimed header",
+        SENDER_IDENTITIES,
+    ),
     Option("metrics_port", int, 0, "Prometheus metrics on this port (0: off)"),
     Option("metrics_host", str, "127.0.0.1", "address the metrics endpoint listens on"),
     Option("active_window", float, 60.0, "metrics: seconds a device stays active after an update"),
@@ -194,6 +206,7 @@ _AGGREGATOR_OPS = [
 _PARTICIPANT_OPS = [
     _SIGNING_KEY,
     Option("aggregator_key", str, None, "aggregator public key (file or folder): verify models"),
+    Option("model_publisher", str, None, "AMQP: take models only from this broker user"),
 ]
 _LOGGING = [option for option in _COMMON if option.name in ("log_level", "log_format")]
 _CTL = [
@@ -262,6 +275,8 @@ def transport_config(v: Values, *, service: bool = False) -> TransportConfig:
         max_message_bytes=v["max_message_bytes"],
         prefetch=v.get("prefetch", 32),
         control_publisher=v.get("control_publisher"),
+        model_publisher=v.get("model_publisher"),
+        sender_identity=v.get("sender_identity", "claimed"),
         wait_for_broker=service,
     )
 
@@ -389,6 +404,15 @@ def participant_config(v: Values, participant_id: str, state_dir: Path) -> Parti
     )
 
 
+def _message_limit(model: str) -> int:
+    """The default ``max_message_bytes``: the largest update or model ``model`` can need
+    (fedmq.wire.message_limit_for), so a larger message is refused on arrival."""
+    from fedmq.models import build_model, get_params
+    from fedmq.wire import message_limit_for
+
+    return message_limit_for(get_params(build_model(model, seed=0)))  # type: ignore[arg-type]
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``"3/20"`` -> (3, 20); the index is 0-based."""
     try:
@@ -468,6 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in _ACTIONS:
             values.update(action=args.action, assignments=getattr(args, "assignments", []))
         configure_logging(level=values["log_level"], json_format=values["log_format"] == "json")
+        if "max_message_bytes" in values and values["max_message_bytes"] is None:
+            values["max_message_bytes"] = _message_limit(values["model"])
         runner: Callable[[Values], Coroutine[Any, Any, int]] = _RUNNERS[args.command]
         return _run(runner(values))
     except FedmqError as error:

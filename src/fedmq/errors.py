@@ -54,7 +54,7 @@ class Reason(enum.StrEnum):
     TOO_STALE = "too_stale"
     FUTURE_BASE = "future_base"  # base version newer than the aggregator's model
     UNKNOWN_PARTICIPANT = "unknown_participant"
-    PARTICIPANT_MISMATCH = "participant_mismatch"  # envelope id differs from the topic / key
+    PARTICIPANT_MISMATCH = "participant_mismatch"  # envelope id is not the sender / key owner
     NORM_BOUND = "norm_bound"  # L2 norm above the absolute cap or the recent-median bound
     EXAMPLES_BOUND = "examples_bound"  # num_examples above max_num_examples
     NON_FINITE_MODEL = "non_finite_model"  # applying it would make the model NaN or Inf

@@ -452,7 +452,8 @@ class MosquittoProcess:
 
 
 async def delete_job_queues(url: str, job: str) -> None:
-    """Delete a job's RabbitMQ queues (updates, rejected, models, control), if they exist."""
+    """Delete a job's RabbitMQ queues (updates, rejected, models, control) and its uplink
+    exchange, if they exist."""
     names = amqp_names(job)
     async with await aio_pika.connect(url) as connection:
         for name in (names.updates, names.rejected, names.models, names.control):
@@ -461,6 +462,11 @@ async def delete_job_queues(url: str, job: str) -> None:
                 await channel.queue_delete(name)
             if not channel.is_closed:
                 await channel.close()
+        channel = await connection.channel()
+        with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
+            await channel.exchange_delete(names.uplink)
+        if not channel.is_closed:
+            await channel.close()
 
 
 async def forget_mqtt_job(url: str, job: str, participants: Sequence[str]) -> None:

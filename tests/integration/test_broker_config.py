@@ -6,7 +6,8 @@ with certificates made by scripts/make-certs.sh, and shows with real clients tha
 
 - TLS works (AMQPS, MQTTS) and a client that does not trust the fedmq CA is refused;
 - wrong passwords, unknown users and RabbitMQ's default "guest" are refused;
-- a device publishes its own updates and reads the model, and nothing else:
+- a device publishes its own updates (through its job's uplink exchange, the only thing
+  it may write over AMQP) and reads the model, and nothing else:
   RabbitMQ closes the channel with ACCESS_REFUSED (AMQP) or the connection (its MQTT
   plugin); Mosquitto answers "Not authorized" to MQTT 5 clients and silently drops the
   message for MQTT 3.1.1 clients, which an observer proves by never receiving it;
@@ -45,6 +46,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from ruamel.yaml import YAML
 
+from fedmq.errors import TransportError
+from fedmq.transport.amqp import REJECTED_MAX_BYTES
 from tests.integration.brokers import (
     REPO,
     BrokerStartError,
@@ -57,6 +60,8 @@ from tests.integration.brokers import (
 )
 
 PASSWORDS = read_demo_passwords()
+UPLINK = "fedmq.default.uplink"  # where devices publish updates (the transport's uplink)
+REJECTED_ARGUMENTS: dict[str, Any] = {"x-max-length-bytes": REJECTED_MAX_BYTES}
 RABBIT_BOOT_TIMEOUT_S = 45.0
 NOT_AUTHORIZED = 0x87  # MQTT 5 reason code
 QUIET_S = 0.3  # after the sentinel, how long a message that should never come may still take
@@ -342,7 +347,8 @@ async def test_device_publishes_its_update_and_the_aggregator_sees_who_sent_it(
     body = unique("update")
     async with await aio_pika.connect(amqp_url(rabbit, "dev-01")) as device:
         channel = await device.channel(publisher_confirms=True)
-        confirm = await channel.default_exchange.publish(
+        uplink = await channel.get_exchange(UPLINK, ensure=False)
+        confirm = await uplink.publish(
             aio_pika.Message(
                 body,
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -365,10 +371,11 @@ async def test_device_publishes_its_update_and_the_aggregator_sees_who_sent_it(
 async def test_device_cannot_claim_another_user_id(rabbit: RabbitNode) -> None:
     async with await aio_pika.connect(amqp_url(rabbit, "dev-01")) as device:
         channel = await device.channel(publisher_confirms=True)
+        uplink = await channel.get_exchange(UPLINK, ensure=False)
         with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="user_id"):
-            await channel.default_exchange.publish(
-                aio_pika.Message(unique("forged"), user_id="aggregator"),
-                routing_key="fedmq.default.models",
+            await uplink.publish(
+                aio_pika.Message(unique("forged"), user_id="dev-02"),
+                routing_key="fedmq.default.updates",
             )
 
 
@@ -411,6 +418,40 @@ async def _publish_other_devices_update_topic(ch: aio_pika.abc.AbstractChannel) 
     return await _publish_topic(ch, "fedmq.default.updates.dev-02")
 
 
+async def _publish_default_exchange(ch: aio_pika.abc.AbstractChannel, queue: str) -> object:
+    message = aio_pika.Message(unique("forged"), user_id="dev-01")
+    return await ch.default_exchange.publish(message, routing_key=queue)
+
+
+async def _write_model_stream(ch: aio_pika.abc.AbstractChannel) -> object:
+    return await _publish_default_exchange(ch, "fedmq.default.models")
+
+
+async def _write_control_queue(ch: aio_pika.abc.AbstractChannel) -> object:
+    return await _publish_default_exchange(ch, "fedmq.default.control")
+
+
+async def _write_updates_queue_directly(ch: aio_pika.abc.AbstractChannel) -> object:
+    return await _publish_default_exchange(ch, "fedmq.default.updates")
+
+
+async def _write_another_jobs_uplink(ch: aio_pika.abc.AbstractChannel) -> object:
+    exchange = await ch.get_exchange("fedmq.other-job.uplink", ensure=False)
+    message = aio_pika.Message(unique("forged"), user_id="dev-01")
+    return await exchange.publish(message, routing_key="fedmq.other-job.updates")
+
+
+async def _write_dead_letter_exchange(ch: aio_pika.abc.AbstractChannel) -> object:
+    exchange = await ch.get_exchange("fedmq.dlx", ensure=False)
+    message = aio_pika.Message(unique("forged"), user_id="dev-01")
+    return await exchange.publish(message, routing_key="fedmq.default.updates")
+
+
+async def _bind_updates_elsewhere(ch: aio_pika.abc.AbstractChannel) -> object:
+    queue = await ch.get_queue("fedmq.default.updates", ensure=False)
+    return await queue.bind("amq.topic", routing_key="fedmq.default.model")
+
+
 @pytest.mark.amqp
 @pytest.mark.parametrize(
     "operation",
@@ -422,6 +463,14 @@ async def _publish_other_devices_update_topic(ch: aio_pika.abc.AbstractChannel) 
         _declare_own_queue,  # configure
         _publish_model_topic,  # topic permission (write) on amq.topic
         _publish_other_devices_update_topic,  # topic permission, {username} expansion
+        # write: only fedmq.default.uplink. Before, write on amq.default let a device
+        # append to the model stream, or write any queue of the vhost.
+        _write_model_stream,
+        _write_control_queue,
+        _write_updates_queue_directly,
+        _write_another_jobs_uplink,
+        _write_dead_letter_exchange,
+        _bind_updates_elsewhere,  # write on the queue
     ],
 )
 async def test_device_is_refused_what_it_has_no_permission_for(
@@ -457,24 +506,27 @@ async def test_device_reads_the_model_stream_published_by_the_aggregator(
 
 
 @pytest.mark.amqp
-async def test_known_limit_default_exchange_lets_a_device_write_any_queue(
-    rabbit: RabbitNode,
-) -> None:
-    """Write permission on amq.default covers every queue: RabbitMQ cannot stop a device
-    publishing into the model stream. What it does guarantee is the user_id, so a
-    participant keeps only model messages whose user_id is "aggregator" (and the wire
-    envelope's signature). docs/deployment.md explains; this test pins the behaviour.
-    """
-    body = unique("fake-model")
-    async with await aio_pika.connect(amqp_url(rabbit, "dev-01")) as device:
-        channel = await device.channel(publisher_confirms=True)
-        confirm = await channel.default_exchange.publish(
-            aio_pika.Message(body, user_id="dev-01"), routing_key="fedmq.default.models"
-        )
-        assert isinstance(confirm, aiormq.spec.Basic.Ack)
-    async with await aio_pika.connect(amqp_url(rabbit, "dev-02")) as other:
-        message = await read_stream_until(await other.channel(), "fedmq.default.models", body)
-        assert message.user_id == "dev-01"  # not "aggregator": the participant drops it
+async def test_fedmq_transports_work_with_the_deployed_permissions(rabbit: RabbitNode) -> None:
+    """dev-01 publishes through the uplink, the aggregator (sender_identity="login") sees
+    the broker-verified login as the sender, and the model goes the other way."""
+    from fedmq.transport import TransportConfig, connect_aggregator, connect_participant
+
+    def config(user: str, **extra: Any) -> TransportConfig:
+        return TransportConfig(url=amqp_url(rabbit, user), job="default", **extra)
+
+    body = unique("update")
+    async with (
+        connect_aggregator(config("aggregator", sender_identity="login")) as agg,
+        connect_participant(config("dev-01"), "dev-01") as device,
+    ):
+        await device.publish_update(body)
+        async with asyncio.timeout(10):
+            async for delivery in agg.updates():
+                if delivery.body == body:
+                    break
+                await delivery.ack()  # an earlier test's
+        assert delivery.participant_hint == "dev-01"
+        await delivery.ack()
 
 
 @pytest.mark.amqp
@@ -484,7 +536,8 @@ async def test_rejected_updates_are_dead_lettered_to_the_rejected_queue(
     body = unique("bad-update")
     async with await aio_pika.connect(amqp_url(rabbit, "dev-01")) as device:
         channel = await device.channel(publisher_confirms=True)
-        await channel.default_exchange.publish(
+        uplink = await channel.get_exchange(UPLINK, ensure=False)
+        await uplink.publish(
             aio_pika.Message(body, user_id="dev-01", delivery_mode=2),
             routing_key="fedmq.default.updates",
         )
@@ -514,17 +567,28 @@ async def test_definitions_match_the_transport_declarations(rabbit: RabbitNode) 
         await channel.declare_queue(
             "fedmq.default.updates", durable=True, arguments={"x-queue-type": "classic"}
         )
-        await channel.declare_queue("fedmq.default.rejected", durable=True)
+        await channel.declare_queue(
+            "fedmq.default.rejected", durable=True, arguments=REJECTED_ARGUMENTS
+        )
         await channel.declare_queue(
             "fedmq.default.models", durable=True, arguments={"x-queue-type": "stream"}
         )
-        # Another job: the aggregator declares its own queues and binds its dead letters.
+        await channel.declare_exchange(UPLINK, aio_pika.ExchangeType.DIRECT, durable=True)
+        # Another job: the aggregator declares its own queues and uplink, binds them, and
+        # binds its dead letters.
         job = f"t{uuid.uuid4().hex[:8]}"
-        await channel.declare_queue(f"fedmq.{job}.updates", durable=True)
-        rejected = await channel.declare_queue(f"fedmq.{job}.rejected", durable=True)
+        updates = await channel.declare_queue(f"fedmq.{job}.updates", durable=True)
+        rejected = await channel.declare_queue(
+            f"fedmq.{job}.rejected", durable=True, arguments=REJECTED_ARGUMENTS
+        )
         await rejected.bind("fedmq.dlx", routing_key=f"fedmq.{job}.updates")
+        uplink = await channel.declare_exchange(
+            f"fedmq.{job}.uplink", aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        await updates.bind(uplink, routing_key=f"fedmq.{job}.updates")
         await channel.queue_delete(f"fedmq.{job}.updates")
         await channel.queue_delete(f"fedmq.{job}.rejected")
+        await channel.exchange_delete(f"fedmq.{job}.uplink")
         with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="inequivalent"):
             await channel.declare_queue(
                 "fedmq.default.updates",
@@ -535,6 +599,7 @@ async def test_definitions_match_the_transport_declarations(rabbit: RabbitNode) 
         channel = await device.channel()
         await channel.declare_queue("fedmq.default.updates", passive=True)
         await channel.declare_queue("fedmq.default.models", passive=True)
+        await channel.declare_exchange(UPLINK, passive=True)
 
 
 @pytest.mark.amqp
@@ -542,8 +607,8 @@ async def test_amqp_control_commands_are_taken_from_the_operator_only(
     rabbit: RabbitNode, job: str
 ) -> None:
     """``fedmq.<job>.control``: the aggregator and the operator may declare it, only the
-    aggregator may read it. Any user can write it through the default exchange (the known
-    limit above), so the aggregator keeps only commands whose broker-verified user_id is
+    aggregator may read it, devices may not write it (no write on the default exchange);
+    the aggregator keeps only commands whose broker-verified user_id is
     ``control_publisher``."""
     from fedmq.transport import TransportConfig, connect_aggregator, send_control
 
@@ -551,7 +616,8 @@ async def test_amqp_control_commands_are_taken_from_the_operator_only(
         return TransportConfig(url=amqp_url(rabbit, user), job=job, **extra)
 
     async with connect_aggregator(config("aggregator", control_publisher="operator")) as agg:
-        await send_control(config("dev-01"), b"forged")  # passive declare, default exchange
+        with pytest.raises(TransportError, match="ACCESS_REFUSED"):
+            await send_control(config("dev-01"), b"forged")  # no write on amq.default
         await send_control(config("operator"), b"from-operator")
         async with asyncio.timeout(10):
             received = await anext(aiter(agg.controls()))
@@ -569,6 +635,7 @@ async def test_amqp_control_commands_are_taken_from_the_operator_only(
         channel = await aggregator.channel()
         for suffix in ("updates", "rejected", "models", "control"):
             await channel.queue_delete(f"fedmq.{job}.{suffix}")
+        await channel.exchange_delete(f"fedmq.{job}.uplink")
 
 
 @pytest.mark.amqp

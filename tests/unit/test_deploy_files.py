@@ -29,6 +29,8 @@ from typing import Any, NoReturn
 
 import pytest
 
+from fedmq.transport.amqp import REJECTED_MAX_BYTES
+
 try:
     from ruamel.yaml import YAML  # installed with check-jsonschema
 except ImportError:  # pragma: no cover - depends on the environment
@@ -319,6 +321,11 @@ def test_devices_may_write_only_their_own_update_topic(definitions: Any) -> None
             assert not re.search(vhost[device]["configure"], queue)
         assert re.search(vhost[device]["read"], "fedmq.default.models")
         assert not re.search(vhost[device]["read"], "fedmq.default.updates")
+        # Updates go through the job's uplink exchange; nothing else is writable over AMQP
+        # (write on amq.default would reach every queue of the vhost).
+        assert re.search(vhost[device]["write"], "fedmq.default.uplink")
+        for other in ("amq.default", "fedmq.other.uplink", "fedmq.dlx", "fedmq.default.models"):
+            assert not re.search(vhost[device]["write"], other), other
     acl = (BROKER_CONFIG / "mosquitto.acl").read_text()
     assert "pattern write fedmq/+/updates/%u" in acl.splitlines()
 
@@ -349,10 +356,20 @@ def test_policies_cover_the_queues_they_are_meant_for(definitions: Any) -> None:
         assert re.search(policy["pattern"], f"fedmq.default.{suffix}")
         assert re.search(policy["pattern"], f"fedmq.other-job.{suffix}")
     updates = policies["fedmq-updates"]["definition"]
-    binding = definitions["bindings"][0]
+    binding, uplink = definitions["bindings"]
     assert binding["source"] == updates["dead-letter-exchange"]
     assert binding["routing_key"] == "fedmq.default.updates"
     assert binding["destination"] == "fedmq.default.rejected"
+    assert (uplink["source"], uplink["destination"]) == (
+        "fedmq.default.uplink",
+        "fedmq.default.updates",
+    )
+    assert uplink["routing_key"] == "fedmq.default.updates"
+    # The aggregator declares the rejected queue with this argument: the same, or it is
+    # inequivalent (PRECONDITION_FAILED).
+    limit = {"x-max-length-bytes": REJECTED_MAX_BYTES}
+    assert queues["fedmq.default.rejected"]["arguments"] == limit
+    assert policies["fedmq-rejected"]["definition"]["max-length-bytes"] == REJECTED_MAX_BYTES
 
 
 def test_generated_certificates_are_never_committed() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from collections.abc import AsyncIterator, Iterator
 
@@ -17,7 +18,7 @@ from fedmq.errors import (
 )
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant
 from fedmq.transport._backoff import Backoff
-from fedmq.transport._common import redact_url
+from fedmq.transport._common import REJECTED_BODY_MAX, redact_url
 from fedmq.transport.embedded import (
     EmbeddedAggregator,
     EmbeddedParticipant,
@@ -158,6 +159,19 @@ async def test_reject_is_visible_to_operators(config: TransportConfig) -> None:
     assert (record.reason, record.detail) == ("too_stale", "base 1, model 9")
     assert (record.participant, record.body) == ("p7", b"stale")
     assert embedded_broker("unit").queued_updates(config.job) == 0
+
+
+async def test_rejection_records_keep_a_bounded_excerpt(config: TransportConfig) -> None:
+    """Before: each record kept the whole body, so 1000 records could hold 1000 x the
+    message limit. Now at most REJECTED_BODY_MAX bytes each."""
+    body = bytes(range(256)) * (2 * REJECTED_BODY_MAX // 256)
+    config = dataclasses.replace(config, max_message_bytes=len(body))
+    async with EmbeddedAggregator(config) as agg, EmbeddedParticipant(config, "p7") as part:
+        await part.publish_update(body)
+        delivery = await anext(agg.updates())
+        await delivery.reject(RejectedUpdate(Reason.NORM_BOUND, "too big a step"))
+    [record] = embedded_broker("unit").rejected(config.job)
+    assert (record.body, record.original_size) == (body[:REJECTED_BODY_MAX], len(body))
 
 
 async def test_iterators_end_when_the_transport_closes(config: TransportConfig) -> None:

@@ -276,6 +276,8 @@ class Aggregator:
         self.stats.bytes_in += len(body)
         seq = None  # known once the envelope decoded: the rejection record names it
         try:
+            if delivery.refused is not None:  # the transport would not hold it
+                raise delivery.refused
             if isinstance(decoded, Rejection):
                 raise decoded
             update, delta = decoded
@@ -488,7 +490,7 @@ class Aggregator:
         allowed = self.config.allowed_participants
         if allowed is not None and pid not in allowed:
             raise RejectedUpdate(Reason.UNKNOWN_PARTICIPANT, f"{pid!r} is not on the allow-list")
-        if hint is not None and hint != pid:
+        if not hint or hint != pid:  # no sender identity at all is refused too
             raise RejectedUpdate(
                 Reason.PARTICIPANT_MISMATCH, f"envelope says {pid!r}, routed as {hint!r}"
             )

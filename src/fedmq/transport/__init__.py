@@ -1,6 +1,7 @@
 """Brokers behind one interface: AMQP (aio-pika), MQTT (aiomqtt), and an embedded default."""
 
 from fedmq.transport._base import (
+    SENDER_IDENTITIES,
     AggregatorTransport,
     Delivery,
     ParticipantTransport,
@@ -9,6 +10,7 @@ from fedmq.transport._base import (
 from fedmq.transport._factory import connect_aggregator, connect_participant, send_control
 
 __all__ = [
+    "SENDER_IDENTITIES",
     "AggregatorTransport",
     "Delivery",
     "ParticipantTransport",

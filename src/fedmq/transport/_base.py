@@ -24,6 +24,7 @@ __all__ = [
 ]
 
 _SCHEMES = ("amqp", "amqps", "mqtt", "mqtts", "memory")
+SENDER_IDENTITIES = ("claimed", "login")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,12 +39,18 @@ class TransportConfig:
 
     url: str
     job: str = "default"
-    # Larger messages are refused with PayloadTooLarge before sending (never chunked).
+    # Larger messages are refused with PayloadTooLarge before sending (never chunked),
+    # and an aggregator refuses (too_large) larger updates as they arrive, keeping none
+    # of their bytes. The CLI sets it to what the model needs (fedmq.wire.message_limit_for).
     # RabbitMQ's default max_message_size is 128 MiB; Mosquitto's packet limit is 256 MiB.
     max_message_bytes: int = 64 * 1024 * 1024
     # Unacked updates the aggregator holds at once: the AMQP consumer prefetch. MQTT 3.1.1
     # cannot ask for a window; there the broker's max_inflight_messages bounds it instead.
     prefetch: int = 32
+    # Bytes of updates the aggregator may hold at once. RabbitMQ ignores basic.qos
+    # prefetch_size, so the AMQP aggregator asks for fewer messages instead: at most
+    # max_inflight_bytes // max_message_bytes (at least 1) of the `prefetch` window.
+    max_inflight_bytes: int = 256 * 1024 * 1024
     reconnect_initial_s: float = 0.2
     reconnect_max_s: float = 10.0
     connect_timeout_s: float = 10.0
@@ -52,13 +59,21 @@ class TransportConfig:
     wait_for_broker: bool = False
     # AMQP only: the broker user whose model messages participants accept. RabbitMQ
     # verifies a message's user_id against the publisher's login, but lets any user
-    # with write on the default exchange append to the model stream; with this set,
-    # a participant drops models whose user_id differs. None accepts every model.
+    # with write on the default exchange (on a bare broker: everyone) append to the
+    # model stream; with this set, a participant drops models whose user_id differs.
+    # None accepts every model.
     model_publisher: str | None = None
     # AMQP only, the same for control commands: any user may write the control queue
     # through the default exchange; with this set (e.g. "operator"), the aggregator
     # drops commands whose user_id differs. MQTT brokers enforce it with their ACL.
     control_publisher: str | None = None
+    # AMQP aggregator only: who an update is from, checked against its envelope.
+    # "login": the message's user_id, which RabbitMQ verifies against the publisher's
+    #   login (one broker user per device, as broker_config/ and the compose file do).
+    # "claimed": the `participant` header the publisher chose; with a shared login
+    #   (guest) this authenticates nothing unless updates are signed (--keys-dir).
+    # Either way an update without that identity is refused (participant_mismatch).
+    sender_identity: str = "claimed"
 
     def __post_init__(self) -> None:
         scheme = self.url.split("://", 1)[0] if "://" in self.url else ""
@@ -73,6 +88,13 @@ class TransportConfig:
             raise ConfigError("max_message_bytes: must be > 0")
         if self.prefetch < 1:
             raise ConfigError("prefetch: must be >= 1")
+        if self.max_inflight_bytes <= 0:
+            raise ConfigError("max_inflight_bytes: must be > 0")
+        if self.sender_identity not in SENDER_IDENTITIES:
+            raise ConfigError(
+                f"sender_identity: {self.sender_identity!r} must be one of "
+                f"{', '.join(SENDER_IDENTITIES)}"
+            )
         if not 0 < self.reconnect_initial_s <= self.reconnect_max_s:
             raise ConfigError("reconnect_initial_s: must be > 0 and <= reconnect_max_s")
         if self.model_publisher is not None and not self.model_publisher:
@@ -98,7 +120,14 @@ class Delivery(Protocol):
 
     @property
     def participant_hint(self) -> str | None:
-        """The participant id the broker routed this by (MQTT topic, AMQP routing key)."""
+        """Who the broker says sent it (MQTT topic level; AMQP ``user_id`` or header, see
+        ``TransportConfig.sender_identity``). None or empty: unknown, and refused."""
+        ...
+
+    @property
+    def refused(self) -> Rejection | None:
+        """Set when the transport already refused to hold the body (over
+        ``max_message_bytes``: ``body`` is then empty); the aggregator rejects it so."""
         ...
 
     async def ack(self) -> None:

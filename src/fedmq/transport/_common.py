@@ -12,13 +12,20 @@ from fedmq.wire import check_participant_id
 
 __all__ = [
     "LOG",
+    "REJECTED_BODY_MAX",
     "Lifecycle",
     "check_participant_id",
     "check_size",
     "redact_url",
+    "rejected_excerpt",
 ]
 
 LOG = logging.getLogger("fedmq.transport")
+
+# Bytes of a refused message kept in its rejection record: enough for the envelope's
+# fields (who, which seq, which codec) and the first tensors; a flood of large refused
+# messages must not become a flood of large records (the original size is a header).
+REJECTED_BODY_MAX = 64 * 1024
 
 
 class _State(enum.Enum):
@@ -66,6 +73,11 @@ def check_size(body: bytes, limit: int, what: str) -> None:
             f"{what} of {len(body)} bytes exceeds max_message_bytes={limit}; "
             "fedmq refuses rather than chunks (see docs/transports.md)"
         )
+
+
+def rejected_excerpt(body: bytes) -> bytes:
+    """What a rejection record keeps of a refused body: at most ``REJECTED_BODY_MAX`` bytes."""
+    return body[:REJECTED_BODY_MAX]
 
 
 def redact_url(url: str) -> str:

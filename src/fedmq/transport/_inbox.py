@@ -4,7 +4,9 @@ It outlives connections: the iterators handed to callers read from it and so
 keep going across reconnects.  Two policies:
 
 - unbounded (``maxlen=None``) for updates, whose number in flight is already
-  bounded by the broker (AMQP prefetch, MQTT in-flight window with manual acks);
+  bounded by the broker (AMQP prefetch, sized so that it times ``max_message_bytes``
+  fits ``max_inflight_bytes``; MQTT in-flight window with manual acks). Holding
+  deliveries back here would bound nothing: their bytes are already in memory;
 - "latest wins" (``maxlen=n``) for models: when full, the oldest item is
   dropped, because a participant only ever needs the newest model.
 """

@@ -3,13 +3,20 @@
 Topology of job ``<job>`` (every declare is idempotent; both roles declare what
 they use, so start order does not matter):
 
+- ``fedmq.<job>.uplink``   durable direct exchange, bound only to the updates queue
+  (routing key ``fedmq.<job>.updates``).  Participants publish updates through it,
+  never through the default exchange, so a deployment can give devices write
+  permission on this exchange alone (broker_config/definitions.json): write on
+  ``amq.default`` would let them write into any queue, the model stream included.
 - ``fedmq.<job>.updates``  classic durable queue.  Participants publish through
-  the default exchange, persistent, with publisher confirms and ``mandatory``;
-  header ``participant`` carries the participant id.  The aggregator consumes
-  with ``prefetch`` and manual acks.
-- ``fedmq.<job>.rejected`` classic durable queue (declared by the aggregator):
-  refused updates, original body, headers ``reason``, ``detail``,
-  ``participant``, ``original-size``.
+  the uplink, persistent, with publisher confirms and ``mandatory``, ``user_id``
+  = their login; header ``participant`` carries the participant id.  The
+  aggregator consumes with ``prefetch`` (fewer if ``max_inflight_bytes`` says so)
+  and manual acks; the sender is ``user_id`` or the header (``sender_identity``).
+- ``fedmq.<job>.rejected`` classic durable queue (declared by the aggregator with
+  ``x-max-length-bytes``, oldest dropped first): refused updates, the first
+  ``REJECTED_BODY_MAX`` bytes of the body, headers ``reason``, ``detail``,
+  ``participant``, ``original-size`` (and ``truncated`` when cut).
 - ``fedmq.<job>.models``   stream queue.  The aggregator appends each model
   (confirmed, header ``version``); each participant consumes it from
   ``x-stream-offset: last`` on every (re)connect, so a late joiner gets the
@@ -18,8 +25,9 @@ they use, so start order does not matter):
   (``publish_control``, persistent, confirmed), consumed by the aggregator with
   automatic acks; with ``control_publisher`` set, those of another user are dropped.
 
-Only ``x-queue-type`` is set as a queue argument: lengths, retention and
-dead-lettering are operator policies (broker_config/definitions.json), because
+Besides ``x-queue-type``, only the rejected queue's byte bound is a queue argument
+(so that a bare broker bounds it too; broker_config/definitions.json declares the
+same): other lengths, retention and dead-lettering are operator policies, because
 arguments are immutable and every client's redeclare must match them.
 
 aio-pika's ``connect_robust`` is deliberately not used (house style): see
@@ -32,7 +40,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 import aio_pika
@@ -55,6 +63,8 @@ from fedmq.errors import (
     ClosedResourceError,
     ConfigError,
     PayloadTooLarge,
+    Reason,
+    RejectedUpdate,
     Rejection,
     TransportError,
 )
@@ -65,6 +75,7 @@ from fedmq.transport._common import (
     check_participant_id,
     check_size,
     redact_url,
+    rejected_excerpt,
 )
 from fedmq.transport._inbox import Inbox, InboxIterator
 from fedmq.transport._session import Session, SessionLost, SupervisedTransport
@@ -102,6 +113,7 @@ class AmqpNames:
     rejected: str
     models: str
     control: str
+    uplink: str  # the exchange updates are published to (bound only to ``updates``)
 
 
 def amqp_names(job: str) -> AmqpNames:
@@ -111,6 +123,7 @@ def amqp_names(job: str) -> AmqpNames:
         rejected=f"fedmq.{job}.rejected",
         models=f"fedmq.{job}.models",
         control=f"fedmq.{job}.control",
+        uplink=f"fedmq.{job}.uplink",
     )
 
 
@@ -118,6 +131,11 @@ def amqp_names(job: str) -> AmqpNames:
 # be a policy is set here: the stream type. Limits (length, retention, dead-lettering)
 # belong to operator policies (broker_config/definitions.json, docs/transports.md).
 _STREAM: dict[str, Any] = {"x-queue-type": "stream"}
+# The exception: the rejected queue's bytes, so that a flood of refused messages cannot
+# fill a bare broker's disk (drop-head: the newest records are kept). The deployment's
+# definitions.json declares fedmq.default.rejected with exactly this argument.
+REJECTED_MAX_BYTES = 256 * 1024 * 1024
+_REJECTED: dict[str, Any] = {"x-max-length-bytes": REJECTED_MAX_BYTES}
 
 
 def _is_fatal(exc: BaseException) -> bool:
@@ -149,9 +167,21 @@ class _AmqpSession(Session):
         self._user_id = unquote(username) if username else None
 
     async def publish(
-        self, body: bytes, *, routing_key: str, headers: dict[str, Any], what: str
+        self,
+        body: bytes,
+        *,
+        routing_key: str,
+        headers: dict[str, Any],
+        what: str,
+        exchange: str = "",
     ) -> None:
-        """Persistent, mandatory, confirmed publish through the default exchange."""
+        """Persistent, mandatory, confirmed publish (through the default exchange unless
+        ``exchange`` names another)."""
+        target = (
+            self.publish_channel.default_exchange
+            if not exchange
+            else await self.publish_channel.get_exchange(exchange, ensure=False)
+        )
         message = aio_pika.Message(
             body,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -163,9 +193,7 @@ class _AmqpSession(Session):
         )
         while True:
             try:
-                await self.publish_channel.default_exchange.publish(
-                    message, routing_key=routing_key, mandatory=True
-                )
+                await target.publish(message, routing_key=routing_key, mandatory=True)
                 return
             except ChannelPreconditionFailed as exc:
                 if _too_large(exc):
@@ -245,6 +273,31 @@ async def _declare(
             await channel.close()
 
 
+async def _declare_uplink(connection: AbstractConnection, names: AmqpNames) -> None:
+    """Declare the uplink exchange and bind it to the updates queue, idempotently.
+
+    Falls back to checking that the exchange exists when this user may not (devices of
+    broker_config/definitions.json); a missing exchange then fails this connection
+    attempt and the supervisor retries until the aggregator has declared it.
+    """
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        try:
+            exchange = await channel.declare_exchange(
+                names.uplink, aio_pika.ExchangeType.DIRECT, durable=True
+            )
+            queue = await channel.get_queue(names.updates, ensure=False)
+            await queue.bind(exchange, routing_key=names.updates)
+            return
+        except ChannelAccessRefused:
+            LOG.debug("amqp: may not declare or bind %s; checking that it exists", names.uplink)
+        channel = await connection.channel(publisher_confirms=False)
+        await channel.declare_exchange(names.uplink, passive=True)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
 async def _bind_dead_letters(connection: AbstractConnection, names: AmqpNames) -> None:
     """If the deployment has the ``fedmq.dlx`` exchange, route this job's dead letters
     (what the broker itself dead-letters from the updates queue) to the rejected queue."""
@@ -270,25 +323,60 @@ def _header_str(headers: dict[str, Any], key: str) -> str | None:
 
 
 class _AmqpDelivery:
-    """One update from the updates queue; settled on the channel it arrived on."""
+    """One update from the updates queue; settled on the channel it arrived on.
 
-    __slots__ = ("_message", "_rejected_queue", "_session", "_settled")
+    Its sender is the broker-verified ``user_id`` or the claimed ``participant`` header,
+    as ``TransportConfig.sender_identity`` says; "" when the message has none (refused).
+    A body over ``max_message_bytes`` is dropped at once: only its size is kept.
+    """
+
+    __slots__ = (
+        "_message",
+        "_refused",
+        "_rejected_queue",
+        "_sender",
+        "_session",
+        "_settled",
+        "_size",
+    )
 
     def __init__(
-        self, message: AbstractIncomingMessage, session: _AmqpSession, rejected_queue: str
+        self,
+        message: AbstractIncomingMessage,
+        session: _AmqpSession,
+        rejected_queue: str,
+        config: TransportConfig,
     ) -> None:
         self._message = message
         self._session = session
         self._rejected_queue = rejected_queue
         self._settled = False
+        if config.sender_identity == "login":
+            self._sender = message.user_id or ""
+        else:
+            self._sender = _header_str(dict(message.headers), "participant") or ""
+        self._size = len(message.body)
+        self._refused: Rejection | None = None
+        if self._size > config.max_message_bytes:
+            self._refused = RejectedUpdate(
+                Reason.TOO_LARGE,
+                f"message of {self._size} bytes, limit {config.max_message_bytes}",
+            )
+            # Hold none of it until the aggregator gets to it: refused messages must not
+            # add up in memory (settling needs only the delivery tag).
+            cast(aio_pika.IncomingMessage, message).body = b""
 
     @property
     def body(self) -> bytes:
         return self._message.body
 
     @property
-    def participant_hint(self) -> str | None:
-        return _header_str(dict(self._message.headers), "participant")
+    def participant_hint(self) -> str:
+        return self._sender
+
+    @property
+    def refused(self) -> Rejection | None:
+        return self._refused
 
     @property
     def stale(self) -> bool:
@@ -321,16 +409,19 @@ class _AmqpDelivery:
         headers: dict[str, Any] = {
             "reason": rejection.reason.value,
             "detail": rejection.detail[:_DETAIL_MAX],
-            "participant": self.participant_hint or "",
-            "original-size": len(self.body),
+            "participant": self._sender,
+            "original-size": self._size,
         }
         if self._message.user_id:  # the sender's broker-verified login
             headers["original-user-id"] = self._message.user_id
+        excerpt = rejected_excerpt(self.body)
+        if len(excerpt) < self._size:
+            headers["truncated"] = True
         try:
             # Copy first, then settle: a crash in between duplicates the record, never loses it.
             await self._session.guard(
                 self._session.publish(
-                    self.body, routing_key=self._rejected_queue, headers=headers, what="rejection"
+                    excerpt, routing_key=self._rejected_queue, headers=headers, what="rejection"
                 )
             )
             await self._message.ack()
@@ -365,14 +456,22 @@ class _AmqpBase(SupervisedTransport[_AmqpSession]):
         raise NotImplementedError
 
     async def _publish(
-        self, body: bytes, *, routing_key: str, headers: dict[str, Any], what: str
+        self,
+        body: bytes,
+        *,
+        routing_key: str,
+        headers: dict[str, Any],
+        what: str,
+        exchange: str = "",
     ) -> None:
         self._life.check_open()
         check_size(body, self._config.max_message_bytes, what)
         assert self._supervisor is not None
 
         async def op(session: _AmqpSession) -> None:
-            await session.publish(body, routing_key=routing_key, headers=headers, what=what)
+            await session.publish(
+                body, routing_key=routing_key, headers=headers, what=what, exchange=exchange
+            )
 
         await self._supervisor.call(op, what=f"publish {what}", retryable=_BROKER_ERRORS)
 
@@ -382,8 +481,24 @@ class AmqpAggregator(_AmqpBase):
 
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config, "aggregator", f"fedmq-{config.job}-aggregator")
-        # Unbounded on purpose: the broker never has more than `prefetch` unacked
-        # deliveries out per channel, so this holds at most `prefetch` live ones.
+        # RabbitMQ does not implement basic.qos prefetch_size, so the byte bound is a
+        # message count: this many at the largest accepted size fit max_inflight_bytes.
+        # Larger messages arrive whole (up to the broker's max_message_size) but are
+        # dropped as they arrive (_AmqpDelivery), so they never accumulate.
+        self._prefetch = max(
+            1, min(config.prefetch, config.max_inflight_bytes // config.max_message_bytes)
+        )
+        if self._prefetch < config.prefetch:
+            LOG.info(
+                "%s: prefetch %d instead of %d: max_inflight_bytes=%d / max_message_bytes=%d",
+                self._label,
+                self._prefetch,
+                config.prefetch,
+                config.max_inflight_bytes,
+                config.max_message_bytes,
+            )
+        # Unbounded on purpose: the broker never has more than that many unacked
+        # deliveries out per channel, so this holds at most that many live ones.
         self._inbox: Inbox[_AmqpDelivery] = Inbox()
         self._controls: Inbox[bytes] = Inbox(maxlen=_MAX_CONTROLS)
 
@@ -394,18 +509,19 @@ class AmqpAggregator(_AmqpBase):
     async def _open(self, connection: AbstractConnection) -> _AmqpSession:
         names, config = self._names, self._config
         await _declare(connection, names.updates)
-        await _declare(connection, names.rejected)
+        await _declare(connection, names.rejected, _REJECTED)
         await _declare(connection, names.models, _STREAM)
+        await _declare_uplink(connection, names)
         await _bind_dead_letters(connection, names)
         publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
         consume = await connection.channel(publisher_confirms=False)
         session = _AmqpSession(self._label, connection, publish, self._config)
         _track(session, connection, publish, consume)
-        await consume.set_qos(prefetch_count=config.prefetch)
+        await consume.set_qos(prefetch_count=self._prefetch)
         queue = await consume.get_queue(names.updates, ensure=False)
 
         async def on_update(message: AbstractIncomingMessage) -> None:
-            self._inbox.put(_AmqpDelivery(message, session, names.rejected))
+            self._inbox.put(_AmqpDelivery(message, session, names.rejected, config))
 
         # Deliveries of the previous connection were requeued by the broker; drop our copies.
         self._inbox.drop_where(lambda d: d.stale)
@@ -500,6 +616,7 @@ class AmqpParticipant(_AmqpBase):
         names = self._names
         await _declare(connection, names.updates)
         await _declare(connection, names.models, _STREAM)
+        await _declare_uplink(connection, names)
         publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
         consume = await connection.channel(publisher_confirms=False)
         session = _AmqpSession(self._label, connection, publish, self._config)
@@ -539,4 +656,5 @@ class AmqpParticipant(_AmqpBase):
             routing_key=self._names.updates,
             headers={"participant": self._participant_id},
             what="update",
+            exchange=self._names.uplink,
         )

@@ -14,7 +14,8 @@ Semantics, per job (the same as the real brokers, minus durability):
 - models: the latest one is retained and given at once to every new
   participant, then broadcast (each participant keeps only the newest unread);
 - rejections: the newest ``max_rejected`` records, readable with
-  ``EmbeddedBroker.rejected(job)`` (what an operator would inspect);
+  ``EmbeddedBroker.rejected(job)`` (what an operator would inspect), each with at
+  most ``REJECTED_BODY_MAX`` bytes of the body (so at most 64 MiB at the defaults);
 - control commands (``publish_control``): a FIFO per job, kept until an aggregator
   takes them.
 """
@@ -30,7 +31,12 @@ from typing import Self
 
 from fedmq.errors import ClosedResourceError, ConfigError, Rejection
 from fedmq.transport._base import TransportConfig
-from fedmq.transport._common import Lifecycle, check_participant_id, check_size
+from fedmq.transport._common import (
+    Lifecycle,
+    check_participant_id,
+    check_size,
+    rejected_excerpt,
+)
 from fedmq.transport._inbox import Inbox, InboxIterator
 
 __all__ = [
@@ -56,7 +62,8 @@ class RejectedRecord:
     reason: str
     detail: str
     participant: str | None
-    body: bytes
+    body: bytes  # at most REJECTED_BODY_MAX bytes of it
+    original_size: int = 0
 
 
 @dataclass
@@ -175,6 +182,10 @@ class _EmbeddedDelivery:
         return self._entry.participant
 
     @property
+    def refused(self) -> Rejection | None:
+        return None
+
+    @property
     def redelivered(self) -> bool:
         return self._entry.redelivered
 
@@ -195,7 +206,8 @@ class _EmbeddedDelivery:
                     reason=rejection.reason.value,
                     detail=rejection.detail,
                     participant=self._entry.participant,
-                    body=self._entry.body,
+                    body=rejected_excerpt(self._entry.body),
+                    original_size=len(self._entry.body),
                 )
             )
 

@@ -163,6 +163,10 @@ class _MqttDelivery:
         return self._message.topic.value.rsplit("/", 1)[-1] or None
 
     @property
+    def refused(self) -> Rejection | None:
+        return None
+
+    @property
     def stale(self) -> bool:
         """Its connection died: the persistent session redelivers it on reconnect."""
         return self._session.is_lost

@@ -54,6 +54,7 @@ from fedmq.wire._keys import (
     load_public_key,
     register_public_key,
 )
+from fedmq.wire._limits import message_limit_for
 from fedmq.wire._signed import (
     SCHEMA_SIGNED,
     SignedEnvelope,
@@ -111,6 +112,7 @@ __all__ = [
     "load_public_key",
     "materialize",
     "materialize_sparse",
+    "message_limit_for",
     "open_model",
     "open_signed",
     "open_update",
