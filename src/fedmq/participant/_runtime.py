@@ -33,7 +33,7 @@ from fedmq._fs import atomic_write
 from fedmq._log import log_event
 from fedmq.codecs import ErrorFeedback, encode_params
 from fedmq.errors import PayloadTooLarge, WireError
-from fedmq.models import build_model, get_params, set_params, train_local
+from fedmq.models import build_model, get_params, non_finite, set_params, train_local
 from fedmq.participant._config import ParticipantConfig
 from fedmq.participant._modelsync import ModelView
 from fedmq.participant._outbox import Outbox
@@ -263,7 +263,7 @@ class Participant:
         )
         local = get_params(self._model)
         delta = {name: local[name] - base[name] for name in base}
-        bad = [name for name, d in delta.items() if not np.isfinite(d).all()]
+        bad = non_finite(delta)
         if bad or not np.isfinite(loss):
             # Checked here, before the codec or the error-feedback residual sees it: a
             # diverged training is the device's news, not an encoder error.
