@@ -294,6 +294,9 @@ def test_settings_known_to_diverge_are_warned_about() -> None:
     (eps,) = fedbuff_warnings(FedBuffConfig(server_optimizer="adam", adam_eps=1e-8))
     assert "adam_eps 1e-08" in eps
     assert fedbuff_warnings(FedBuffConfig(server_lr=3.0))  # sgd at 3: an effective step of 3
+    # The bounds are inclusive, whatever the float roundings of lr / (1 - beta).
+    assert fedbuff_warnings(FedBuffConfig(server_optimizer="momentum", server_lr=0.2)) == ()
+    assert FedBuffConfig(server_optimizer="momentum", server_lr=10.0).effective_step == 100
     # The defaults are quiet; warnings are for the strategy in use only.
     for optimizer in ("sgd", "momentum", "adam"):
         config = FedBuffConfig(server_optimizer=optimizer)

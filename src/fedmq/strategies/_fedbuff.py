@@ -161,9 +161,9 @@ class FedBuffConfig:
             require(lr <= MAX_ADAM_LR, self, "server_lr", f"<= {MAX_ADAM_LR:g} with adam", lr)
         else:
             beta = self.momentum if self.server_optimizer == "momentum" else 0.0
-            top = MAX_EFFECTIVE_STEP * (1 - beta)
+            top = round(MAX_EFFECTIVE_STEP * (1 - beta), 12)
             require(
-                lr <= top,
+                self.effective_step <= MAX_EFFECTIVE_STEP,
                 self,
                 "server_lr",
                 f"<= {top:.3g} with {self.server_optimizer}"
@@ -186,7 +186,7 @@ class FedBuffConfig:
         """sgd and momentum: how far steady progress moves the model per step, in units of
         the averaged delta: ``lr / (1 - momentum)`` (``lr`` for sgd)."""
         beta = self.momentum if self.server_optimizer == "momentum" else 0.0
-        return self.lr / (1 - beta)
+        return round(self.lr / (1 - beta), 12)  # 0.2 / (1 - 0.9) is 2, not 2.0000000000000004
 
 
 def default_server_lr(optimizer: ServerOptimizer, momentum: float = 0.9) -> float:
