@@ -80,14 +80,17 @@ SERVER_OPTIMIZERS: tuple[ServerOptimizer, ...] = get_args(ServerOptimizer)
 # The server learning rate of sgd and adam when none is given (see the module
 # docstring); momentum's is 1 - beta (default_server_lr).
 _DEFAULT_LR: Mapping[ServerOptimizer, float] = MappingProxyType({"sgd": 1.0, "adam": 0.01})
-# Refused: an effective step lr / (1 - beta) above this (sgd: beta = 0) goes beyond every
-# value of the published grids (Reddi et al. 2021 tune momentum's lr up to 10, beta 0.9).
+# Refused: an effective step lr / (1 - beta) above this (sgd: beta = 0): a hundred times
+# the averaged delta per step, where 10 already diverged in `fedmq bench`.
 MAX_EFFECTIVE_STEP = 100.0
-# Refused: adam's lr above this moves every weight by more than a whole weight's size.
+# Refused: adam's lr above this moves every weight by more than 1 per step, ten times a
+# typical weight of the models here (1 already made the devices' training NaN).
 MAX_ADAM_LR = 1.0
-# Warned about: above these, runs of `fedmq bench` diverged (docs/tuning.md).
+# Warned about (measured with `fedmq bench`, docs/tuning.md): momentum at an effective step
+# of 2 still trained (0.79 after 345 updates), at 10 it diverged; adam at lr 0.03 peaked at
+# 0.70 after 4 versions, then fell to 0.35-0.5.
 _RISKY_EFFECTIVE_STEP = 2.0
-_RISKY_ADAM_LR = 0.1
+_RISKY_ADAM_LR = 0.02
 _RISKY_ADAM_EPS = 1e-6
 
 _Arrays = Mapping[str, npt.NDArray[np.float32]]
