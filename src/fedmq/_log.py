@@ -21,10 +21,18 @@ __all__ = ["configure_logging", "log_event"]
 
 
 def log_event(
-    logger: logging.Logger, event: str, /, level: int = logging.INFO, **fields: Any
+    logger: logging.Logger,
+    event: str,
+    /,
+    level: int = logging.INFO,
+    *,
+    exc_info: bool = False,
+    **fields: Any,
 ) -> None:
-    """Log ``event`` with its fields; the formatter renders them as text or JSON."""
-    logger.log(level, event, extra={"fedmq_fields": fields})
+    """Log ``event`` with its fields; the formatter renders them as text or JSON.
+
+    ``exc_info``: add the traceback of the exception being handled."""
+    logger.log(level, event, exc_info=exc_info, extra={"fedmq_fields": fields})
 
 
 def _one_line(value: object) -> str:

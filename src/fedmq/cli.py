@@ -37,6 +37,7 @@ from fedmq.strategies import (
     FedBuffConfig,
     StalenessConfig,
     StrategyConfig,
+    strategy_warnings,
 )
 from fedmq.transport import SENDER_IDENTITIES, TransportConfig
 from fedmq.wire import KeyRing, Signer, Verifier, WireLimits
@@ -45,6 +46,8 @@ __all__ = ["main"]
 
 Values = dict[str, Any]
 _log = logging.getLogger("fedmq.cli")
+
+_log = logging.getLogger("fedmq.config")
 
 _COMMON = [
     Option("job", str, "default", "job name; namespaces every queue and topic"),
@@ -74,7 +77,12 @@ _STRATEGY = [
     Option("staleness_b", int, 4, "hinge staleness parameter b"),
     Option("max_staleness", int, 50, "drop updates staler than this many versions"),
     Option("buffer_size", int, 10, "FedBuff: deltas per server step (K)"),
-    Option("server_lr", float, 1.0, "FedBuff: server learning rate"),
+    Option(
+        "server_lr",
+        float,
+        None,
+        "FedBuff: server learning rate (default: sgd 1.0, momentum 0.1, adam 0.01)",
+    ),
     Option("server_optimizer", str, "sgd", "FedBuff server optimizer", ("sgd", "momentum", "adam")),
     Option("clients_per_round", int, 10, "FedAvg: participants per round (C)"),
     Option("publish_every", int, 1, "republish the model every N versions"),
@@ -282,8 +290,9 @@ def transport_config(v: Values, *, service: bool = False) -> TransportConfig:
 
 
 def strategy_config(v: Values) -> StrategyConfig:
+    """The strategy the options describe; settings known to diverge are logged as warnings."""
     staleness = StalenessConfig(function=v["staleness"], a=v["staleness_a"], b=v["staleness_b"])
-    return StrategyConfig(
+    config = StrategyConfig(
         name=v["strategy"],
         max_staleness=v["max_staleness"],
         fedasync=FedAsyncConfig(alpha=v["alpha"], staleness=staleness),
@@ -295,6 +304,9 @@ def strategy_config(v: Values) -> StrategyConfig:
         ),
         fedavg=FedAvgConfig(clients_per_round=v["clients_per_round"]),
     )
+    for warning in strategy_warnings(config):
+        log_event(_log, "risky_setting", logging.WARNING, strategy=config.name, detail=warning)
+    return config
 
 
 def aggregator_config(v: Values) -> AggregatorConfig:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 import pytest
 
 from fedmq._options import Option, add_options, resolve_options
-from fedmq.cli import COMMANDS, control_config, main
+from fedmq.cli import COMMANDS, control_config, main, strategy_config
 from fedmq.errors import ConfigError
+from fedmq.strategies import StrategyConfig
 
 OPTIONS = [
     Option("alpha", float, 0.6, "mixing"),
@@ -121,3 +123,35 @@ def test_unsigned_commands_only_where_the_broker_authenticates(
 ) -> None:
     values = {"broker": broker, "job": "j", "control_publisher": publisher, "control_acl": acl}
     assert control_config(values).accept_unsigned is unsigned
+
+
+def _strategy_from_flags(*argv: str) -> StrategyConfig:
+    options = COMMANDS["aggregator"]
+    parser = argparse.ArgumentParser()
+    add_options(parser, options)
+    values = resolve_options(
+        "aggregator", options, parser.parse_args(list(argv)), config_file=None, environ={}
+    )
+    return strategy_config(values)
+
+
+def test_server_lr_defaults_to_the_server_optimizers_own() -> None:
+    fedbuff = ("--strategy", "fedbuff", "--server-optimizer")
+    assert _strategy_from_flags(*fedbuff, "sgd").fedbuff.server_lr == 1.0
+    assert _strategy_from_flags(*fedbuff, "momentum").fedbuff.server_lr == 0.1
+    assert _strategy_from_flags(*fedbuff, "adam").fedbuff.server_lr == 0.01
+    assert _strategy_from_flags(*fedbuff, "adam", "--server-lr", "0.03").fedbuff.server_lr == 0.03
+
+
+def test_settings_known_to_diverge_are_a_warning_those_that_cannot_work_an_error(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _strategy_from_flags("--strategy", "fedbuff", "--server-optimizer", "momentum")
+    assert not [r for r in caplog.records if r.getMessage() == "risky_setting"]
+    momentum = ("--strategy", "fedbuff", "--server-optimizer", "momentum", "--server-lr")
+    _strategy_from_flags(*momentum, "1.0")  # the old default: an effective step of 10
+    (risky,) = [r for r in caplog.records if r.getMessage() == "risky_setting"]
+    assert risky.levelno == logging.WARNING
+    assert "effective step lr / (1 - momentum) of 10" in risky.__dict__["fedmq_fields"]["detail"]
+    assert main(["aggregator", "--broker", "amqp://x/", *momentum, "20"]) == 2
+    assert "server_lr: must be <= 10 with momentum 0.9" in capsys.readouterr().err

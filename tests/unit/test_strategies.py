@@ -6,6 +6,7 @@ with a copy afterwards (so nothing was changed some other way).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -30,7 +31,9 @@ from fedmq.strategies import (
     fedbuff_flush,
     fedbuff_init,
     fedbuff_ready,
+    fedbuff_warnings,
     make_strategy,
+    strategy_warnings,
 )
 
 Arrays = dict[str, npt.NDArray[np.float32]]
@@ -164,7 +167,7 @@ def test_fedbuff_sums_sparse_deltas_as_the_dense_ones_bit_for_bit() -> None:
 
 
 def test_fedbuff_momentum() -> None:
-    config = FedBuffConfig(buffer_size=1, server_optimizer="momentum", momentum=0.5)
+    config = FedBuffConfig(buffer_size=1, server_optimizer="momentum", momentum=0.5, server_lr=1.0)
     state = fedbuff_init()
     # flush 1: g = [2, 0]; m = 0.5 * 0 + g = [2, 0]; x = [0, 0] + m = [2, 0]
     x, state = fedbuff_flush(
@@ -183,7 +186,12 @@ def test_fedbuff_momentum() -> None:
 
 def test_fedbuff_adam() -> None:
     config = FedBuffConfig(
-        buffer_size=1, server_optimizer="adam", adam_beta1=0.5, adam_beta2=0.75, adam_eps=1.0
+        buffer_size=1,
+        server_optimizer="adam",
+        server_lr=1.0,
+        adam_beta1=0.5,
+        adam_beta2=0.75,
+        adam_eps=1.0,
     )
     state = fedbuff_init()
     # flush 1: g = [2, -2, 0]
@@ -209,12 +217,93 @@ def test_fedbuff_adam() -> None:
 
 
 def test_fedbuff_adam_first_step_with_the_default_eps() -> None:
-    config = FedBuffConfig(buffer_size=1, server_optimizer="adam")  # b1 0.9, b2 0.99, eps 1e-3
+    # b1 0.9, b2 0.99, eps 1e-3, lr 0.01
+    config = FedBuffConfig(buffer_size=1, server_optimizer="adam")
     # g = [0.5]: m = 0.1 * 0.5 = 0.05; v = 0.01 * 0.25 = 0.0025; sqrt(v) = 0.05
-    # x = 0.05 / (0.05 + 0.001) = 0.05 / 0.051 = 0.98039...
+    # x = 0.01 * 0.05 / (0.05 + 0.001) = 0.01 * 0.98039...
     state = fedbuff_add(fedbuff_init(), params(w=[0.5]), 0, config)
     x, _ = fedbuff_flush(params(w=[0]), state, config)
-    assert_params(x, w=[0.05 / 0.051])
+    assert_params(x, w=[0.01 * 0.05 / 0.051])
+
+
+def test_each_server_optimizer_has_its_own_default_lr() -> None:
+    # The same lr is a different step per optimizer: momentum's effective step is
+    # lr / (1 - beta), adam's is about lr per weight whatever the delta's size.
+    assert FedBuffConfig().server_lr == 1.0
+    momentum = FedBuffConfig(server_optimizer="momentum")
+    assert momentum.server_lr == 0.1 and momentum.effective_step == pytest.approx(1.0)
+    assert FedBuffConfig(server_optimizer="momentum", momentum=0.5).server_lr == 0.5
+    assert FedBuffConfig(server_optimizer="adam").server_lr == 0.01
+    # Given explicitly, it is kept; once built it is a number that replace() keeps.
+    assert FedBuffConfig(server_optimizer="adam", server_lr=0.05).server_lr == 0.05
+    config = dataclasses.replace(momentum, buffer_size=5)
+    assert config.server_lr == 0.1 and dataclasses.asdict(config)["server_lr"] == 0.1
+
+
+def test_momentum_keeps_the_effective_step_of_sgd_by_default() -> None:
+    # Steady deltas g: sgd moves x by lr * g per step; momentum's default lr 1 - beta
+    # converges to the same step (1 - beta) * g / (1 - beta) = g instead of 10 g.
+    config = FedBuffConfig(buffer_size=1, server_optimizer="momentum")
+    x, state = params(w=[0.0]), fedbuff_init()
+    steps = []
+    for _ in range(200):
+        new, state = fedbuff_flush(x, fedbuff_add(state, params(w=[1.0]), 0, config), config)
+        steps.append(float(new["w"][0] - x["w"][0]))
+        x = params(w=new["w"])
+    assert steps[0] == pytest.approx(0.1)
+    assert steps[-1] == pytest.approx(1.0, rel=1e-3)
+
+
+def test_adam_moves_each_weight_by_about_lr_whatever_the_delta_size() -> None:
+    # Why adam's lr must be small: a delta of 0.1 and one of 100 move x alike.
+    config = FedBuffConfig(buffer_size=1, server_optimizer="adam", server_lr=0.01)
+    for size in (1e-1, 1e2):
+        state = fedbuff_add(fedbuff_init(), params(w=[size]), 0, config)
+        x, _ = fedbuff_flush(params(w=[0]), state, config)
+        assert float(x["w"][0]) == pytest.approx(0.01, rel=0.1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # momentum 0.9 at lr 20: an effective step of 200
+        (
+            {"server_optimizer": "momentum", "server_lr": 20.0},
+            r"FedBuffConfig\.server_lr: must be <= 10 with momentum 0\.9 \(an effective step "
+            r"lr / \(1 - momentum\) <= 100\), got 20\.0",
+        ),
+        ({"server_lr": 101.0}, r"FedBuffConfig\.server_lr: must be <= 100 with sgd, got 101\.0"),
+        (
+            {"server_optimizer": "adam", "server_lr": 2.0},
+            r"FedBuffConfig\.server_lr: must be <= 1 with adam, got 2\.0",
+        ),
+    ],
+)
+def test_server_steps_that_cannot_work_are_refused(kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        FedBuffConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_settings_known_to_diverge_are_warned_about() -> None:
+    # What `fedmq bench` ran into: momentum at lr 1.0 (effective step 10), adam at lr 1.0.
+    (momentum,) = fedbuff_warnings(FedBuffConfig(server_optimizer="momentum", server_lr=1.0))
+    assert "effective step lr / (1 - momentum) of 10" in momentum
+    assert "default server_lr 0.1" in momentum
+    (adam,) = fedbuff_warnings(FedBuffConfig(server_optimizer="adam", server_lr=1.0))
+    assert "server_lr 1 with adam" in adam and "default 0.01" in adam
+    (eps,) = fedbuff_warnings(FedBuffConfig(server_optimizer="adam", adam_eps=1e-8))
+    assert "adam_eps 1e-08" in eps
+    assert fedbuff_warnings(FedBuffConfig(server_lr=3.0))  # sgd at 3: an effective step of 3
+    # The bounds are inclusive, whatever the float roundings of lr / (1 - beta).
+    assert fedbuff_warnings(FedBuffConfig(server_optimizer="momentum", server_lr=0.2)) == ()
+    assert FedBuffConfig(server_optimizer="momentum", server_lr=10.0).effective_step == 100
+    # The defaults are quiet; warnings are for the strategy in use only.
+    for optimizer in ("sgd", "momentum", "adam"):
+        config = FedBuffConfig(server_optimizer=optimizer)
+        assert fedbuff_warnings(config) == ()
+    risky = FedBuffConfig(server_optimizer="momentum", server_lr=1.0)
+    assert strategy_warnings(StrategyConfig(name="fedbuff", fedbuff=risky))
+    assert strategy_warnings(StrategyConfig(name="fedasync", fedbuff=risky)) == ()
 
 
 def test_fedbuff_errors() -> None:
@@ -444,3 +533,10 @@ def test_changes_model_says_which_step_makes_a_new_version() -> None:
     assert new is not None and not fedbuff.changes_model(state)
     fedasync = make_strategy(StrategyConfig(name="fedasync"))
     assert fedasync.changes_model(fedasync.init_state())
+
+
+def test_adam_above_twice_its_default_lr_is_warned_about() -> None:
+    # Measured: adam at server lr 0.03 peaked at 0.70 after 4 versions, then fell back.
+    assert fedbuff_warnings(FedBuffConfig(server_optimizer="adam", server_lr=0.02)) == ()
+    (warning,) = fedbuff_warnings(FedBuffConfig(server_optimizer="adam", server_lr=0.03))
+    assert "above 0.02" in warning

@@ -119,6 +119,7 @@ def test_tuned_builds_a_validated_config_and_shares_the_staleness_function() -> 
         (FEDBUFF, {"alpha": 0.3}, "not used by strategy fedbuff"),
         (FEDBUFF, {"buffer_size": 0}, "buffer_size: must be an integer >= 1"),
         (FEDBUFF, {"server_lr": "fast"}, "server_lr"),
+        (FEDBUFF, {"server_lr": 150.0}, r"FedBuffConfig.server_lr: must be <= 100 with sgd"),
         (FEDBUFF, {"staleness_a": float("nan")}, "finite"),
         (FEDBUFF, {"gamma": 1}, "not a tunable"),
     ],
@@ -297,6 +298,31 @@ async def test_a_smaller_buffer_already_full_is_flushed_at_once(job: str) -> Non
         np.testing.assert_allclose(aggregator.params["w"], np.full((2, 2), 1.0))
         await send(job, "dev-1", *(update("dev-1", s, 1) for s in (3, 4)))
         await until(lambda: aggregator.version == 2)  # K = 2 from now on
+
+
+async def test_server_steps_are_checked_live_as_on_the_command_line(
+    job: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "fedmq.aggregator")
+    momentum = FedBuffConfig(buffer_size=4, server_optimizer="momentum")
+    config = AggregatorConfig(
+        strategy=StrategyConfig(name="fedbuff", fedbuff=momentum), eval_every=0
+    )
+    async with running(config, job) as aggregator:
+        assert aggregator.config.strategy.fedbuff.server_lr == 0.1  # momentum's default
+        await command(job, "server_lr=20")  # an effective step of 200: cannot work
+        await until(lambda: aggregator.stats.controls["rejected"] == 1)
+        assert aggregator.config.strategy.fedbuff.server_lr == 0.1
+        await command(job, "server_lr=1.0")  # an effective step of 10: valid, known to diverge
+        await until(lambda: aggregator.stats.controls["applied"] == 1)
+        assert aggregator.config.strategy.fedbuff.server_lr == 1.0
+    (refused,) = [r for r in caplog.records if r.getMessage() == "control_rejected"]
+    assert (
+        "server_lr: must be <= 10 with momentum 0.9" in refused.__dict__["fedmq_fields"]["detail"]
+    )
+    (risky,) = [r for r in caplog.records if r.getMessage() == "risky_setting"]
+    assert risky.levelno == logging.WARNING
+    assert "effective step" in risky.__dict__["fedmq_fields"]["detail"]
 
 
 async def test_retune_refuses_another_strategy(job: str) -> None:

@@ -93,3 +93,21 @@ def test_virtual_runs_are_deterministic(data_dir: Path) -> None:
     first, second = run_virtual(config, str(data_dir)), run_virtual(config, str(data_dir))
     assert first["accuracy"] == second["accuracy"]
     assert first["staleness_histogram"] == second["staleness_histogram"]
+
+
+def test_virtual_devices_whose_training_diverges_skip_their_updates(data_dir: Path) -> None:
+    # A local learning rate that blows the weights up: every training gives NaN/Inf.
+    # Before: the encoder's ValueError ended the run; now each is skipped and counted.
+    config = _config("fedasync", CodecConfig(name="float32"))
+    bench = config.bench
+    blowing_up = dataclasses.replace(bench.participant, lr=1e38, batch_size=4)
+    protocol = dataclasses.replace(bench.protocol, max_seconds=2.0)
+    config = dataclasses.replace(
+        config, bench=dataclasses.replace(bench, participant=blowing_up, protocol=protocol)
+    )
+    run = run_virtual(config, str(data_dir))
+    assert run["fleet"]["skipped"]["non_finite"] > 0
+    assert run["received"] == run["applied"] + sum(run["dropped"]["by_reason"].values())
+    assert (
+        run["fleet"]["trained"] >= run["fleet"]["published"] + run["fleet"]["skipped"]["non_finite"]
+    )

@@ -35,6 +35,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fedmq._log import log_event
 from fedmq.errors import ConfigError, Reason, Rejection
@@ -183,7 +184,7 @@ class ControlGate:
             )
         self.last_issued = command.issued
 
-    def log_refusal(self, rejection: Rejection, **fields: object) -> None:
+    def log_refusal(self, rejection: Rejection, **fields: Any) -> None:
         """Log ``control_rejected``: the first of each reason, then at most one a minute."""
         reason, now = rejection.reason.value, self._clock()
         last = self._quiet.logged_at.get(reason)

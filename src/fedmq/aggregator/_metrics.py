@@ -99,6 +99,16 @@ class AggregatorCollector(Collector):
         yield accuracy
         yield loss
         yield CounterMetricFamily(
+            "fedmq_model_collapses",
+            "Times the global model was declared collapsing (model_collapsing log event)",
+            value=stats.health.collapses,
+        )
+        yield GaugeMetricFamily(
+            "fedmq_model_collapsing",
+            "1 while the evaluations say the global model is collapsing, else 0",
+            value=int(stats.health.collapsing),
+        )
+        yield CounterMetricFamily(
             "fedmq_updates_received", "Update messages taken from the broker", value=stats.received
         )
         yield CounterMetricFamily(

@@ -41,6 +41,7 @@ from fedmq.aggregator._checkpoint import (
 )
 from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._downlink import Downlink
+from fedmq.aggregator._health import watch_evaluation
 from fedmq.aggregator._stats import AccuracyPoint, AggregatorStats
 from fedmq.aggregator._tuning import (
     changes,
@@ -593,6 +594,7 @@ class Aggregator:
             )
             self.stats.accuracy.append(point)
             log_event(_log, "evaluated", version=version, accuracy=round(accuracy, 4))
+            watch_evaluation(self.stats.health, version, accuracy, loss)
 
 
 _Decoded = tuple[UpdateEnvelope, Delta] | Rejection

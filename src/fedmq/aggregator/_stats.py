@@ -6,6 +6,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from fedmq.aggregator._health import CollapseWatch
 from fedmq.aggregator._histogram import Histogram
 
 __all__ = ["AccuracyPoint", "AggregatorStats"]
@@ -49,6 +50,7 @@ class AggregatorStats:
     last_seen: dict[str, float] = field(default_factory=dict)  # participant -> monotonic
     controls: Counter[str] = field(default_factory=Counter)  # "applied" / "rejected"
     control_rejected: Counter[str] = field(default_factory=Counter)  # by reason
+    health: CollapseWatch = field(default_factory=CollapseWatch)  # fed every evaluation
 
     @property
     def elapsed_s(self) -> float:

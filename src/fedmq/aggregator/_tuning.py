@@ -14,6 +14,10 @@ The knobs (``KNOBS``; names as the command-line options):
   ``buffer_size`` and ``server_lr`` (FedBuff), ``clients_per_round`` (FedAvg).
 - The strategy itself and the server optimizer cannot change live: their state would
   not carry over. Restart the aggregator for those.
+- The ranges are the command line's: a ``server_lr`` that cannot work (sgd and momentum:
+  an effective step ``lr / (1 - momentum)`` above 100; adam: above 1) is refused like
+  any invalid value; one that is valid but known to diverge is applied with a
+  ``risky_setting`` warning (``fedmq.strategies.strategy_warnings``).
 
 When a change takes effect:
 
@@ -50,7 +54,13 @@ from fedmq._log import log_event
 from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._control import HINT, ControlGate
 from fedmq.errors import ConfigError, Rejection
-from fedmq.strategies import STALENESS_FUNCTIONS, StalenessConfig, StrategyConfig, StrategyName
+from fedmq.strategies import (
+    STALENESS_FUNCTIONS,
+    StalenessConfig,
+    StrategyConfig,
+    StrategyName,
+    strategy_warnings,
+)
 from fedmq.wire import ControlValue
 
 if TYPE_CHECKING:
@@ -102,7 +112,13 @@ KNOBS: dict[str, Knob] = {
         ),
         Knob("max_staleness", int, "drop updates staler than this, >= 0", ("fedasync", "fedbuff")),
         Knob("buffer_size", int, "FedBuff: deltas per server step K, >= 1", ("fedbuff",)),
-        Knob("server_lr", float, "FedBuff: server learning rate, > 0", ("fedbuff",)),
+        Knob(
+            "server_lr",
+            float,
+            "FedBuff: server learning rate, > 0 (sgd, momentum: lr / (1 - momentum) <= 100; "
+            "adam: <= 1)",
+            ("fedbuff",),
+        ),
         Knob("clients_per_round", int, "FedAvg: participants per round C, >= 1", ("fedavg",)),
     )
 }
@@ -209,7 +225,7 @@ def knob_values(config: StrategyConfig) -> dict[str, ControlValue]:
         "staleness_b": staleness.b,
         "max_staleness": config.max_staleness,
         "buffer_size": config.fedbuff.buffer_size,
-        "server_lr": config.fedbuff.server_lr,
+        "server_lr": config.fedbuff.lr,
         "clients_per_round": config.fedavg.clients_per_round,
     }
     return {k: v for k, v in every.items() if config.name in KNOBS[k].strategies}
@@ -334,6 +350,8 @@ async def handle_control(aggregator: Aggregator, body: bytes, gate: ControlGate)
         version=aggregator.version,
         key_id=key_id,
     )
+    for warning in strategy_warnings(aggregator.config.strategy):
+        log_event(_log, "risky_setting", logging.WARNING, id=command.id, detail=warning)
     return True
 
 

@@ -1,6 +1,6 @@
 """The model zoo, weights as numpy arrays, and the local training and evaluation loops."""
 
-from fedmq.models._params import get_params, set_params
+from fedmq.models._params import get_params, non_finite, set_params
 from fedmq.models._train import evaluate, train_local
 from fedmq.models._zoo import MODEL_NAMES, ModelName, build_model
 
@@ -10,6 +10,7 @@ __all__ = [
     "build_model",
     "evaluate",
     "get_params",
+    "non_finite",
     "set_params",
     "train_local",
 ]

@@ -9,7 +9,7 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-__all__ = ["get_params", "set_params"]
+__all__ = ["get_params", "non_finite", "set_params"]
 
 
 def get_params(model: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
@@ -19,6 +19,11 @@ def get_params(model: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
         name: tensor.detach().cpu().numpy().astype(np.float32, order="C", copy=True)
         for name, tensor in model.state_dict().items()
     }
+
+
+def non_finite(params: Mapping[str, npt.NDArray[np.floating]]) -> list[str]:
+    """The names of the tensors of ``params`` holding a NaN or an infinity, in order."""
+    return [name for name, array in params.items() if not np.isfinite(array).all()]
 
 
 def set_params(model: nn.Module, params: Mapping[str, npt.NDArray[np.floating]]) -> None:

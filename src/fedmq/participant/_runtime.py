@@ -8,6 +8,13 @@ Three named tasks share a little state:
 A model arriving mid-training never touches the training in progress: the
 finished update is tagged with the version it was trained from, and the
 aggregator judges its staleness.
+
+A training that goes wrong costs one update, never the device (nor the other devices
+of a simulated fleet sharing its process): a NaN or infinite loss or delta (a model
+or learning rate that diverged) is skipped with ``update_skipped reason=non_finite``,
+any other exception with ``training_failed`` and its traceback; both are counted in
+``ParticipantStats.skipped``, take no sequence number, and the device waits for a
+newer model before it trains again.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import contextlib
 import io
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,7 +33,7 @@ from fedmq._fs import atomic_write
 from fedmq._log import log_event
 from fedmq.codecs import ErrorFeedback, encode_params
 from fedmq.errors import PayloadTooLarge, WireError
-from fedmq.models import build_model, get_params, set_params, train_local
+from fedmq.models import build_model, get_params, non_finite, set_params, train_local
 from fedmq.participant._config import ParticipantConfig
 from fedmq.participant._modelsync import ModelView
 from fedmq.participant._outbox import Outbox
@@ -52,6 +59,9 @@ class ParticipantStats:
     bytes_up: int = 0
     bytes_down: int = 0
     last_loss: float | None = None
+    # Trainings that produced no update, by reason: "non_finite" (NaN/Inf loss or delta),
+    # "error" (an exception, logged with its traceback).
+    skipped: dict[str, int] = field(default_factory=dict)
 
 
 class Participant:
@@ -191,9 +201,11 @@ class Participant:
 
     async def _train_forever(self) -> None:
         trained_version: int | None = None
+        failed_version: int | None = None  # training on it gave no update: wait for a newer
         while True:
             while self._latest is None or (
-                (self.config.once_per_version and self._latest[0] == trained_version)
+                self._latest[0] == failed_version
+                or (self.config.once_per_version and self._latest[0] == trained_version)
                 or (self._rounds and (self._round is None or self._latest[0] < self._round))
             ):
                 self._model_arrived.clear()
@@ -203,15 +215,41 @@ class Participant:
             async with self._slots or contextlib.nullcontext():
                 version, base = self._latest
                 self._round = None
-                seq, body = await asyncio.to_thread(self._train_once, version, base)
+                result = await self._train_guarded(version, base)
             trained_version = version
+            if result is None:
+                failed_version = version
+                continue
+            seq, body = result
             if self.config.publish_delay_s:
                 await asyncio.sleep(self.config.publish_delay_s)
             await asyncio.to_thread(self._store, seq, body)
             self._outbox_filled.set()
 
-    def _train_once(self, version: int, base: Params) -> tuple[int, bytes]:
-        """Train from ``base``; return (seq, encoded update). Runs in a worker thread."""
+    async def _train_guarded(self, version: int, base: Params) -> tuple[int, bytes] | None:
+        """``_train_once`` in a worker thread; None (logged, counted) if it raised.
+
+        Whatever goes wrong in one training must not end the device's task: in a
+        simulated fleet that task shares a TaskGroup with every other device.
+        """
+        try:
+            return await asyncio.to_thread(self._train_once, version, base)
+        except Exception as error:  # a bug or a bad input: loud, counted, then the next model
+            self._count_skip("error")
+            log_event(
+                _log,
+                "training_failed",
+                logging.ERROR,
+                exc_info=True,
+                participant=self.config.participant_id,
+                base_version=version,
+                error=f"{type(error).__name__}: {error}",
+            )
+            return None
+
+    def _train_once(self, version: int, base: Params) -> tuple[int, bytes] | None:
+        """Train from ``base``; return (seq, encoded update), or None (logged, counted) if
+        the loss or the delta is not finite. Runs in a worker thread."""
         seq = self._outbox.next_seq
         set_params(self._model, base)
         loss = train_local(
@@ -225,6 +263,22 @@ class Participant:
         )
         local = get_params(self._model)
         delta = {name: local[name] - base[name] for name in base}
+        bad = non_finite(delta)
+        if bad or not np.isfinite(loss):
+            # Checked here, before the codec or the error-feedback residual sees it: a
+            # diverged training is the device's news, not an encoder error.
+            self._count_skip("non_finite")
+            log_event(
+                _log,
+                "update_skipped",
+                logging.WARNING,
+                participant=self.config.participant_id,
+                reason="non_finite",
+                base_version=version,
+                loss=loss,
+                tensors=bad[:5],
+            )
+            return None
         rng = np.random.default_rng([self.config.seed, seq])
         if self._feedback is not None:
             tensors = self._feedback.encode(delta, rng)
@@ -242,6 +296,9 @@ class Participant:
         self.stats.trained += 1
         self.stats.last_loss = loss
         return seq, seal(encode_update(envelope), self.config.update_signer)
+
+    def _count_skip(self, reason: str) -> None:
+        self.stats.skipped[reason] = self.stats.skipped.get(reason, 0) + 1
 
     def _accept_model(self, body: bytes) -> tuple[int, Params] | None:
         """Verify (when a model key is configured) and take a model. In a worker thread."""

@@ -81,5 +81,6 @@ async def _status(pid: str, stats: ParticipantStats, every_s: float = 10.0) -> N
             model_version=stats.model_version,
             trained=stats.trained,
             published=stats.published,
+            skipped=dict(stats.skipped),
             loss=stats.last_loss,
         )

@@ -181,6 +181,8 @@ def _snapshot(stats: Any, keyframes: int, deltas: int) -> dict[str, Any]:
         "buffered": stats.buffered,
         "participants": len(stats.participants),
         "accuracy": [dataclasses.asdict(p) for p in stats.accuracy],
+        "model_collapses": stats.health.collapses,
+        "model_collapsing": stats.health.collapsing,
     }
 
 

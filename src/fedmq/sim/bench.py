@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -428,8 +429,13 @@ def _report(
             "deltas_applied": sum(v.deltas for v in views),
             "deltas_skipped": sum(v.skipped for v in views),
         },
+        "model_collapses": final.get("model_collapses", 0),
+        "model_collapsing_at_end": final.get("model_collapsing", False),
         "fleet": {
             "trained": sum(d.participant.stats.trained for d in devices),
+            "skipped": dict(
+                sum((Counter(d.participant.stats.skipped) for d in devices), Counter())
+            ),
             "published": sum(d.participant.stats.published for d in devices),
             "pending_in_outboxes": sum(d.participant.pending for d in devices),
         },

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -189,6 +190,17 @@ def _report(
             ", ".join(f"{k}={v}" for k, v in sorted(stats.rejected.items())) or "0",
         ),
         ("staleness mean / max", f"{stats.mean_staleness:.2f} / {stats.max_staleness}"),
+        ("model collapses", str(stats.health.collapses)),
+        (
+            "updates skipped by devices",
+            ", ".join(
+                f"{k}={v}"
+                for k, v in sorted(
+                    sum((Counter(d.stats.skipped) for d in devices), Counter()).items()
+                )
+            )
+            or "0",
+        ),
         ("uplink bytes", f"{stats.bytes_in:,}"),
         ("downlink bytes (all devices)", f"{sum(d.stats.bytes_down for d in devices):,}"),
     ]
@@ -209,6 +221,7 @@ def _report(
         "bytes_in": stats.bytes_in,
         "bytes_out": stats.bytes_out,
         "accuracy": [dataclasses.asdict(p) for p in stats.accuracy],
+        "model_collapses": stats.health.collapses,
         "devices": {d.config.participant_id: dataclasses.asdict(d.stats) for d in devices},
         "config": {
             "participants": config.participants,

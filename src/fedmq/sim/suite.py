@@ -200,4 +200,11 @@ def _print_summary(console: Console, runs: list[Run], out: Path) -> None:
             else "-",
         )
     console.print(table)
+    for r in runs:
+        skipped = r["fleet"].get("skipped") or {}
+        if r.get("model_collapses") or skipped:
+            console.print(
+                f"[bold red]{r['label']}: the model collapsed {r.get('model_collapses', 0)}"
+                f" time(s); updates skipped by devices: {skipped or 0}[/] (docs/tuning.md)"
+            )
     console.print(f"results: {out / 'report.md'}")

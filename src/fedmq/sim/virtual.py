@@ -41,7 +41,7 @@ from rich.live import Live
 from fedmq.aggregator import AccuracyPoint, AggregatorStats, Downlink, Evaluator
 from fedmq.codecs import CodecConfig, ErrorFeedback, encode_params
 from fedmq.data import load_fashion_mnist, resolve_data_dir, to_tensors
-from fedmq.models import build_model, get_params, set_params, train_local
+from fedmq.models import build_model, get_params, non_finite, set_params, train_local
 from fedmq.participant.main import split
 from fedmq.sim._display import progress_line, progress_table
 from fedmq.sim._fleet import RoundPicker, online_periods, speed_factors
@@ -146,6 +146,7 @@ class _Sim:
         self.messages_down = 0
         self.published = 0
         self.trained = 0
+        self.skipped_non_finite = 0  # trainings whose loss or delta was NaN/Inf: not sent
         self.rounds = 0
         self.down_at_eval: list[int] = []  # fleet downlink bytes at each evaluation
         self._update_size_cache: dict[tuple[int, int, int, int], int] = {}
@@ -240,6 +241,13 @@ class _Sim:
             self.stats.rejected["too_stale"] += 1
             return
         body = self._compute_update(d, seq, base)
+        if body is None:
+            # A real device skips it when training ends (update_skipped): nothing was sent.
+            # Trained here at delivery, so what was counted as sent is taken back.
+            self.skipped_non_finite += 1
+            self.published -= 1
+            self.stats.received -= 1
+            return
         self.stats.bytes_in += len(body)
         update = decode_update(body, spec=self.spec, limits=self.config.bench.aggregator.limits)
         delta = materialize(update.tensors)
@@ -268,7 +276,7 @@ class _Sim:
                 self.round_open = False
                 self._open_round()
 
-    def _compute_update(self, d: _Device, seq: int, base: int) -> bytes:
+    def _compute_update(self, d: _Device, seq: int, base: int) -> bytes | None:
         participant = self.config.bench.participant
         base_params = self.history[base]
         set_params(self.model, base_params)
@@ -283,6 +291,8 @@ class _Sim:
         )
         local = get_params(self.model)
         delta = {name: local[name] - base_params[name] for name in base_params}
+        if non_finite(delta) or not np.isfinite(loss):
+            return None
         rng = np.random.default_rng([participant.seed, seq])
         lossless = participant.codec.name == "float32"
         if participant.error_feedback and not lossless:
@@ -475,7 +485,11 @@ def _report(
         "keyframes": sim.downlink.keyframes,
         "deltas": sim.downlink.deltas,
         "device_view": {"deltas_skipped": 0},
-        "fleet": {"trained": sim.trained, "published": sim.published},
+        "fleet": {
+            "trained": sim.trained,
+            "published": sim.published,
+            "skipped": {"non_finite": sim.skipped_non_finite} if sim.skipped_non_finite else {},
+        },
         "rounds": sim.rounds,
         "aggregator_cost": {
             "measured": "not measured (virtual clock: one process does everything)",

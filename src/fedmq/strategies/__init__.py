@@ -15,10 +15,12 @@ from fedmq.strategies._fedbuff import (
     FedBuffConfig,
     FedBuffState,
     ServerOptimizer,
+    default_server_lr,
     fedbuff_add,
     fedbuff_flush,
     fedbuff_init,
     fedbuff_ready,
+    fedbuff_warnings,
 )
 from fedmq.strategies._staleness import (
     STALENESS_FUNCTIONS,
@@ -34,6 +36,7 @@ from fedmq.strategies._strategy import (
     StrategyConfig,
     StrategyName,
     make_strategy,
+    strategy_warnings,
 )
 
 __all__ = [
@@ -54,12 +57,15 @@ __all__ = [
     "Strategy",
     "StrategyConfig",
     "StrategyName",
+    "default_server_lr",
     "fedasync_apply",
     "fedavg_aggregate",
     "fedbuff_add",
     "fedbuff_flush",
     "fedbuff_init",
     "fedbuff_ready",
+    "fedbuff_warnings",
     "make_strategy",
     "staleness_weight",
+    "strategy_warnings",
 ]

@@ -16,12 +16,31 @@ then one step of the server optimizer, with learning rate ``lr``:
 ``m`` and ``v`` start at zero and persist across flushes in ``FedBuffState``.
 Deltas point from a participant's base model to its trained model, so adding
 them moves the global model the way local training did.
+
+Each optimizer has its own default ``lr`` (``default_server_lr``), because the same
+number means different steps:
+
+- ``momentum`` adds ``g`` in full every step, so steady progress moves the model by
+  ``lr / (1 - beta)`` times ``g`` (the *effective* step, Hsu et al. 2019): ``lr`` 1.0
+  with beta 0.9 is ten times SGD's step, and in asynchronous FedBuff, where every delta
+  is already a few versions stale, that overshoots and diverges. The default is
+  ``lr = 1 - beta`` (0.1 with beta 0.9): the effective step of SGD at 1.0.
+- ``adam`` divides by ``sqrt(v)``: ``m / (sqrt(v) + eps)`` is about +-1 for every weight
+  whose delta is well above ``eps``, so ``lr`` is the distance *each weight* moves per
+  step, whatever the size of the deltas. At 1.0 every weight of a model whose weights
+  are about 0.1 jumps by about 1 on the first step, and the devices' training turns
+  to NaN. Reddi et al. (2021) tune it around 1e-2 (with eps = 1e-3): the default.
+
+``fedbuff_warnings`` names settings that are valid but known to diverge; the
+configuration refuses (``ConfigError``) those that cannot work (``MAX_EFFECTIVE_STEP``,
+``MAX_ADAM_LR``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Literal, get_args
 
 import numpy as np
@@ -41,18 +60,38 @@ from fedmq.strategies._common import (
 from fedmq.strategies._staleness import StalenessConfig, staleness_weight
 
 __all__ = [
+    "MAX_ADAM_LR",
+    "MAX_EFFECTIVE_STEP",
     "SERVER_OPTIMIZERS",
     "FedBuffConfig",
     "FedBuffState",
     "ServerOptimizer",
+    "default_server_lr",
     "fedbuff_add",
     "fedbuff_flush",
     "fedbuff_init",
     "fedbuff_ready",
+    "fedbuff_warnings",
 ]
 
 ServerOptimizer = Literal["sgd", "momentum", "adam"]
 SERVER_OPTIMIZERS: tuple[ServerOptimizer, ...] = get_args(ServerOptimizer)
+
+# The server learning rate of sgd and adam when none is given (see the module
+# docstring); momentum's is 1 - beta (default_server_lr).
+_DEFAULT_LR: Mapping[ServerOptimizer, float] = MappingProxyType({"sgd": 1.0, "adam": 0.01})
+# Refused: an effective step lr / (1 - beta) above this (sgd: beta = 0): a hundred times
+# the averaged delta per step, where 10 already diverged in `fedmq bench`.
+MAX_EFFECTIVE_STEP = 100.0
+# Refused: adam's lr above this moves every weight by more than 1 per step, ten times a
+# typical weight of the models here (1 already made the devices' training NaN).
+MAX_ADAM_LR = 1.0
+# Warned about (measured with `fedmq bench`, docs/tuning.md): momentum at an effective step
+# of 2 still trained (0.79 after 345 updates), at 10 it diverged; adam at lr 0.03 peaked at
+# 0.70 after 4 versions, then fell to 0.35-0.5.
+_RISKY_EFFECTIVE_STEP = 2.0
+_RISKY_ADAM_LR = 0.02
+_RISKY_ADAM_EPS = 1e-6
 
 _Arrays = Mapping[str, npt.NDArray[np.float32]]
 _Entry = tuple[Mapping[str, npt.NDArray[np.float32] | SparseTensor], float]
@@ -62,13 +101,20 @@ _Entry = tuple[Mapping[str, npt.NDArray[np.float32] | SparseTensor], float]
 class FedBuffConfig:
     """FedBuff's buffer size ``K``, staleness weights and server optimizer.
 
-    The defaults are the benchmark's: K = 10, server lr 1.0, plain SGD, weights
+    The defaults are the benchmark's: K = 10, plain SGD at server lr 1.0, weights
     ``1 / sqrt(1 + d)``. ``momentum`` is the momentum optimizer's beta; the
     ``adam_*`` values are FedAdam's (Reddi et al. suggest eps = 1e-3).
+
+    ``server_lr`` left at None becomes the optimizer's own default
+    (``default_server_lr``: sgd 1.0, momentum 1 - beta = 0.1, adam 0.01) on construction, so it
+    is always a number once built (``dataclasses.replace`` to another optimizer keeps
+    that number: give ``server_lr=None`` to get the new optimizer's default).
+    Refused (``ConfigError``): an effective step ``server_lr / (1 - momentum)`` above
+    ``MAX_EFFECTIVE_STEP`` (sgd, momentum), an adam ``server_lr`` above ``MAX_ADAM_LR``.
     """
 
     buffer_size: int = 10
-    server_lr: float = 1.0
+    server_lr: float | None = None
     # polynomial with a = 0.5: s(d) = 1 / sqrt(1 + d)
     staleness: StalenessConfig = field(default_factory=StalenessConfig)
     server_optimizer: ServerOptimizer = "sgd"
@@ -84,13 +130,6 @@ class FedBuffConfig:
             "buffer_size",
             "an integer >= 1",
             self.buffer_size,
-        )
-        require(
-            is_number(self.server_lr) and self.server_lr > 0,
-            self,
-            "server_lr",
-            "a finite number > 0",
-            self.server_lr,
         )
         require(
             isinstance(self.staleness, StalenessConfig),
@@ -116,6 +155,74 @@ class FedBuffConfig:
             "a finite number > 0",
             self.adam_eps,
         )
+        lr = self.server_lr
+        if lr is None:
+            lr = default_server_lr(self.server_optimizer, self.momentum)
+            object.__setattr__(self, "server_lr", lr)
+        require(is_number(lr) and lr > 0, self, "server_lr", "a finite number > 0", lr)
+        if self.server_optimizer == "adam":
+            require(lr <= MAX_ADAM_LR, self, "server_lr", f"<= {MAX_ADAM_LR:g} with adam", lr)
+        else:
+            beta = self.momentum if self.server_optimizer == "momentum" else 0.0
+            top = round(MAX_EFFECTIVE_STEP * (1 - beta), 12)
+            require(
+                self.effective_step <= MAX_EFFECTIVE_STEP,
+                self,
+                "server_lr",
+                f"<= {top:.3g} with {self.server_optimizer}"
+                + (
+                    f" {beta:g} (an effective step lr / (1 - momentum) <= {MAX_EFFECTIVE_STEP:g})"
+                    if self.server_optimizer == "momentum"
+                    else ""
+                ),
+                lr,
+            )
+
+    @property
+    def lr(self) -> float:
+        """``server_lr``, always a number once constructed."""
+        assert self.server_lr is not None
+        return self.server_lr
+
+    @property
+    def effective_step(self) -> float:
+        """sgd and momentum: how far steady progress moves the model per step, in units of
+        the averaged delta: ``lr / (1 - momentum)`` (``lr`` for sgd)."""
+        beta = self.momentum if self.server_optimizer == "momentum" else 0.0
+        return round(self.lr / (1 - beta), 12)  # 0.2 / (1 - 0.9) is 2, not 2.0000000000000004
+
+
+def default_server_lr(optimizer: ServerOptimizer, momentum: float = 0.9) -> float:
+    """The server learning rate ``optimizer`` uses when none is given: sgd 1.0,
+    momentum ``1 - momentum`` (an effective step of 1, as sgd's), adam 0.01."""
+    return round(1.0 - momentum, 12) if optimizer == "momentum" else _DEFAULT_LR[optimizer]
+
+
+def fedbuff_warnings(config: FedBuffConfig) -> tuple[str, ...]:
+    """What in ``config`` is valid but known to diverge, one sentence each (empty if none)."""
+    found: list[str] = []
+    if config.server_optimizer == "adam":
+        if config.lr > _RISKY_ADAM_LR:
+            found.append(
+                f"server_lr {config.lr:g} with adam moves every weight by about that much per "
+                f"step; above {_RISKY_ADAM_LR:g} training is known to diverge "
+                f"(default {default_server_lr('adam'):g})"
+            )
+        if config.adam_eps < _RISKY_ADAM_EPS:
+            found.append(
+                f"adam_eps {config.adam_eps:g} is below {_RISKY_ADAM_EPS:g}: weights whose "
+                "deltas are only noise move by a full server_lr every step (Reddi et al. use 1e-3)"
+            )
+    elif config.effective_step > _RISKY_EFFECTIVE_STEP:
+        found.append(
+            f"server_lr {config.lr:g} with {config.server_optimizer}"
+            + (f" {config.momentum:g}" if config.server_optimizer == "momentum" else "")
+            + f" is an effective step lr / (1 - momentum) of {config.effective_step:.3g}, "
+            f"above {_RISKY_EFFECTIVE_STEP:g}: stale deltas overshoot and training is known "
+            "to diverge (default server_lr "
+            f"{default_server_lr(config.server_optimizer, config.momentum):g})"
+        )
+    return tuple(found)
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,7 +280,7 @@ def fedbuff_flush(
     check_compatible(global_, state.entries[0][0], "buffered delta")
     k = len(state.entries)
     g = {name: _weighted_mean(state.entries, name, k) for name in global_}
-    lr = config.server_lr
+    lr = config.lr
     m, v = state.m, state.v
     match config.server_optimizer:
         case "sgd":

@@ -38,6 +38,7 @@ from fedmq.strategies._fedbuff import (
     fedbuff_flush,
     fedbuff_init,
     fedbuff_ready,
+    fedbuff_warnings,
 )
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "StrategyConfig",
     "StrategyName",
     "make_strategy",
+    "strategy_warnings",
 ]
 
 StrategyName = Literal["fedasync", "fedbuff", "fedavg"]
@@ -165,6 +167,12 @@ class Strategy(Protocol):
         participants, or to drain FedBuff's buffer at shutdown.
         """
         ...
+
+
+def strategy_warnings(config: StrategyConfig) -> tuple[str, ...]:
+    """Settings of the strategy in use that are valid but known to diverge (for a loud
+    warning at start and on live tuning); empty if none."""
+    return fedbuff_warnings(config.fedbuff) if config.name == "fedbuff" else ()
 
 
 def make_strategy(config: StrategyConfig) -> Strategy:
