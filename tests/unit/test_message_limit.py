@@ -9,7 +9,7 @@ import pytest
 
 from fedmq.codecs import CodecConfig, encode_params
 from fedmq.models import build_model, get_params
-from fedmq.wire import UpdateEnvelope, encode_update, message_limit_for
+from fedmq.wire import MAX_PARTICIPANT_ID, UpdateEnvelope, encode_update, message_limit_for
 
 WORST = [
     CodecConfig(name="float32"),
@@ -32,7 +32,7 @@ def test_every_codec_at_its_largest_fits_the_limit(model: str) -> None:
     for codec in WORST:
         body = encode_update(
             UpdateEnvelope(
-                participant="d" * 128,
+                participant="d" * MAX_PARTICIPANT_ID,  # the longest id the rule allows
                 seq=2**64 - 1,
                 base_version=2**63,
                 num_examples=2**32,

@@ -306,7 +306,7 @@ async def test_server_steps_are_checked_live_as_on_the_command_line(
     caplog.set_level(logging.INFO, "fedmq.aggregator")
     momentum = FedBuffConfig(buffer_size=4, server_optimizer="momentum")
     config = AggregatorConfig(
-        strategy=StrategyConfig(name="fedbuff", fedbuff=momentum), eval_every=0
+        strategy=StrategyConfig(name="fedbuff", fedbuff=momentum), eval_every=0, control=TRUSTED
     )
     async with running(config, job) as aggregator:
         assert aggregator.config.strategy.fedbuff.server_lr == 0.1  # momentum's default
