@@ -30,6 +30,7 @@ from fedmq.tasks.air_quality import (
     build_model,
     combine,
     evaluate,
+    fit,
     load_station,
     persistence,
     read_station,
@@ -310,3 +311,13 @@ def test_model_shape_and_a_few_steps_reduce_the_loss(station: StationData) -> No
     m = evaluate(model, station.test, station.stats)
     assert m.n == persistence(station.test).n == len(station.test)
     assert 10 < m.rmse < 200
+
+
+def test_fit_stops_early_and_keeps_the_best_weights(station: StationData) -> None:
+    x, y = station.train.data.tensors
+    train, val = TensorDataset(x[:512], y[:512]), TensorDataset(x[512:768], y[512:768])
+    model = build_model(seed=1)
+    result = fit(model, train, val, max_epochs=4, patience=1, lr=3e-2, batch_size=64, seed=0)
+    assert 1 <= result.epochs <= 4 and 0 <= result.best_epoch <= result.epochs
+    assert result.epochs == 4 or result.epochs == result.best_epoch + 1
+    assert validation_loss(model, val) == pytest.approx(result.best_val_loss, rel=1e-6)
