@@ -421,12 +421,13 @@ async def test_every_connection_has_tcp_nodelay(config: TransportConfig) -> None
 
 @pytest.mark.slow
 async def test_honest_updates_survive_a_flood(config: TransportConfig, mqtt_url: str) -> None:
-    # A hostile device publishes junk at a sustained rate well within what a broker and
-    # an aggregator without Nagle's delay handle (about 0.3 ms a refusal), while an honest
-    # device publishes 10 updates. Before TCP_NODELAY each refusal took about 44 ms: the
-    # backlog outgrew Mosquitto's queue (max_queued_messages, 1000 by default), which then
-    # dropped messages it had already acknowledged, honest ones included.
-    junk, rate, honest = 5000, 250, 10
+    # A hostile device publishes junk at a sustained 1000 messages/s, while an honest
+    # device publishes 10 updates. Refusals now cost no broker round trip (over 2000/s
+    # here); before, each waited for the rejection record's PUBACK, often ~44 ms behind
+    # Nagle and a delayed ACK: about 120 refusals/s at this rate, the backlog outgrew
+    # Mosquitto's queue (max_queued_messages, 1000 by default), which then dropped
+    # messages it had already acknowledged, honest ones included.
+    junk, rate, honest = 5000, 1000, 10
     topics = mqtt_topics(config.job)
     async with (
         _running(config) as aggregator,
@@ -447,20 +448,15 @@ async def test_honest_updates_survive_a_flood(config: TransportConfig, mqtt_url:
                 await asyncio.sleep(junk / rate / (honest + 1))
                 await device.publish_update(update("p1", seq, 0, delta(0.01)))
 
-        started = time.monotonic()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(flood(), name="flood")
             tg.create_task(updates(), name="honest")
-        flooded = time.monotonic() - started
         stats = aggregator.stats
-        await _until(
-            lambda: stats.applied + sum(stats.rejected.values()) >= junk + honest,
-            30,
-            f"every message handled ({stats.applied} applied, {dict(stats.rejected)} after "
-            f"{time.monotonic() - started:.0f} s; the flood took {flooded:.0f} s)",
-        )
-        assert stats.applied == honest
-        assert stats.rejected == {"undecodable": junk}
+        with contextlib.suppress(AssertionError):  # the counts below say what is missing
+            await _until(
+                lambda: stats.applied + stats.dropped >= junk + honest, 30, "the last refusal"
+            )
+        assert (stats.applied, dict(stats.rejected)) == (honest, {"undecodable": junk})
 
 
 async def test_returning_device_gets_the_retained_keyframe_not_every_model(
