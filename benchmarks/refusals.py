@@ -28,17 +28,9 @@ import aiomqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests/
 
-from fedmq.aggregator import Aggregator, AggregatorConfig
-from fedmq.strategies import FedAsyncConfig, StalenessConfig, StrategyConfig
 from fedmq.transport import TransportConfig
 from fedmq.transport.mqtt import MqttAggregator, mqtt_topics
-from tests.updates import INITIAL
-
-STRATEGY = StrategyConfig(
-    name="fedasync",
-    max_staleness=100,
-    fedasync=FedAsyncConfig(alpha=0.5, staleness=StalenessConfig(function="constant")),
-)
+from tests.integration.aggregators import running
 
 
 async def run(broker: str, junk: int, rate: float, backlog: bool, wait_s: float) -> None:
@@ -61,13 +53,7 @@ async def run(broker: str, junk: int, rate: float, backlog: bool, wait_s: float)
     async with aiomqtt.Client(host, port) as flooder:
         if backlog:
             await flood(flooder)
-        async with MqttAggregator(config) as transport, asyncio.TaskGroup() as tg:
-            aggregator = Aggregator(
-                AggregatorConfig(strategy=STRATEGY, eval_every=0, publish_interval_s=0.0),
-                transport,
-                INITIAL,
-            )
-            task = tg.create_task(aggregator.run(tg), name="aggregator")
+        async with running(config) as aggregator:
             started = time.monotonic()
             if not backlog:
                 await flood(flooder)
@@ -76,7 +62,6 @@ async def run(broker: str, junk: int, rate: float, backlog: bool, wait_s: float)
             while stats.dropped < junk and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
             elapsed = time.monotonic() - started
-            task.cancel()
     refused = stats.dropped
     print(
         f"{refused} of {junk} junk messages refused in {elapsed:.1f} s: "

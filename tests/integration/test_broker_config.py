@@ -60,6 +60,7 @@ from tests.integration.brokers import (
     read_demo_passwords,
     world_readable_tmpdir,
 )
+from tests.integration.test_transport_mqtt import live_socket
 
 PASSWORDS = read_demo_passwords()
 UPLINK = "fedmq.default.uplink"  # where devices publish updates (the transport's uplink)
@@ -810,10 +811,7 @@ async def test_fedmq_mqtts_connections_set_tcp_nodelay(
         MqttParticipant(config("dev-01"), "dev-01") as device,
     ):
         for transport in (aggregator, device):
-            assert transport._supervisor is not None
-            session = transport._supervisor.current
-            assert session is not None
-            sock = session.client._client.socket()
+            sock = live_socket(transport)
             assert isinstance(sock, ssl.SSLSocket)
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 

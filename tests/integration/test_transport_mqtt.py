@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 import aiomqtt
 import pytest
 
-from fedmq.aggregator import Aggregator, AggregatorConfig
 from fedmq.errors import (
     BrokerUnavailable,
     ClosedResourceError,
@@ -31,10 +30,10 @@ from fedmq.errors import (
     Reason,
     RejectedUpdate,
 )
-from fedmq.strategies import FedAsyncConfig, StalenessConfig, StrategyConfig
 from fedmq.transport import Delivery, TransportConfig, connect_aggregator, connect_participant
 from fedmq.transport.mqtt import MqttAggregator, MqttParticipant, mqtt_topics
-from tests.updates import INITIAL, delta, update
+from tests.integration.aggregators import running
+from tests.updates import delta, update
 
 pytestmark = pytest.mark.mqtt
 
@@ -346,26 +345,6 @@ async def test_close_ends_a_publish_waiting_for_the_broker(
 
 # -- hostile devices and returning devices (issue 9) ------------------------------
 
-FEDASYNC = StrategyConfig(
-    name="fedasync",
-    max_staleness=100,
-    fedasync=FedAsyncConfig(alpha=0.5, staleness=StalenessConfig(function="constant")),
-)
-
-
-@contextlib.asynccontextmanager
-async def _running(config: TransportConfig) -> AsyncIterator[Aggregator]:
-    """An in-process aggregator of the tiny test model over ``config``'s broker."""
-    async with MqttAggregator(config) as transport, asyncio.TaskGroup() as tg:
-        aggregator = Aggregator(
-            AggregatorConfig(strategy=FEDASYNC, eval_every=0, publish_interval_s=0.0),
-            transport,
-            INITIAL,
-        )
-        task = tg.create_task(aggregator.run(tg), name="aggregator")
-        yield aggregator
-        task.cancel()
-
 
 @contextlib.asynccontextmanager
 async def _raw_client(url: str) -> AsyncIterator[aiomqtt.Client]:
@@ -390,7 +369,7 @@ async def test_update_on_an_empty_topic_level_is_refused(
     topics = mqtt_topics(config.job)
     spoof = update("victim-01", 2**64 - 1, 0, delta(1.0))
     async with (
-        _running(config) as aggregator,
+        running(config) as aggregator,
         _raw_client(mqtt_url) as attacker,
         MqttParticipant(config, "victim-01") as victim,
     ):
@@ -407,15 +386,21 @@ async def test_update_on_an_empty_topic_level_is_refused(
         assert aggregator.stats.applied == 2  # the victim is not locked out
 
 
+def live_socket(transport: MqttAggregator | MqttParticipant) -> socket.socket:
+    """The socket of the transport's current connection (paho's, under aiomqtt)."""
+    assert transport._supervisor is not None
+    session = transport._supervisor.current
+    assert session is not None
+    sock = session.client._client.socket()
+    assert isinstance(sock, socket.socket)  # ssl.SSLSocket on mqtts://
+    return sock
+
+
 async def test_every_connection_has_tcp_nodelay(config: TransportConfig) -> None:
     # Nagle's algorithm held each small PUBACK behind the broker's delayed ACK (~40 ms).
     async with MqttAggregator(config) as agg, MqttParticipant(config, "p1") as part:
         for transport in (agg, part):
-            assert transport._supervisor is not None
-            session = transport._supervisor.current
-            assert session is not None
-            sock = session.client._client.socket()
-            assert isinstance(sock, socket.socket)
+            sock = live_socket(transport)
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
@@ -430,7 +415,7 @@ async def test_honest_updates_survive_a_flood(config: TransportConfig, mqtt_url:
     junk, rate, honest = 5000, 1000, 10
     topics = mqtt_topics(config.job)
     async with (
-        _running(config) as aggregator,
+        running(config) as aggregator,
         _raw_client(mqtt_url) as attacker,
         MqttParticipant(config, "p1") as device,
     ):
@@ -446,7 +431,8 @@ async def test_honest_updates_survive_a_flood(config: TransportConfig, mqtt_url:
         async def updates() -> None:
             for seq in range(honest):
                 await asyncio.sleep(junk / rate / (honest + 1))
-                await device.publish_update(update("p1", seq, 0, delta(0.01)))
+                base = aggregator.version  # as a device holding the latest model
+                await device.publish_update(update("p1", seq, base, delta(0.01)))
 
         async with asyncio.TaskGroup() as tg:
             tg.create_task(flood(), name="flood")
