@@ -14,30 +14,23 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
 
-from fedmq.aggregator import Aggregator, AggregatorConfig
+from fedmq.aggregator import Aggregator
 from fedmq.errors import Reason, RejectedUpdate
-from fedmq.strategies import FedAsyncConfig, StalenessConfig, StrategyConfig
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant
 from fedmq.transport._common import REJECTED_BODY_MAX
 from fedmq.transport.amqp import REJECTED_MAX_BYTES, amqp_names
+from tests.integration.aggregators import running
 from tests.integration.brokers import delete_job_queues
 from tests.integration.test_signing_and_tuning import Process
-from tests.updates import INITIAL, delta, update
+from tests.updates import delta, update
 
 pytestmark = pytest.mark.amqp
-
-FEDASYNC = StrategyConfig(
-    name="fedasync",
-    max_staleness=5,
-    fedasync=FedAsyncConfig(alpha=0.5, staleness=StalenessConfig(function="constant")),
-)
 
 
 def _config(url: str, job: str, **extra: Any) -> TransportConfig:
@@ -50,19 +43,6 @@ def _config(url: str, job: str, **extra: Any) -> TransportConfig:
 async def clean(amqp_url: str, job: str) -> AsyncIterator[None]:
     yield
     await delete_job_queues(amqp_url, job)
-
-
-@asynccontextmanager
-async def running(config: TransportConfig) -> AsyncIterator[Aggregator]:
-    async with connect_aggregator(config) as transport, asyncio.TaskGroup() as tg:
-        aggregator = Aggregator(
-            AggregatorConfig(strategy=FEDASYNC, eval_every=0, publish_interval_s=0.0),
-            transport,
-            INITIAL,
-        )
-        task = tg.create_task(aggregator.run(tg), name="aggregator")
-        yield aggregator
-        task.cancel()
 
 
 async def handled(aggregator: Aggregator, count: int) -> None:

@@ -47,7 +47,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from ruamel.yaml import YAML
 
 from fedmq.errors import TransportError
+from fedmq.transport import TransportConfig
 from fedmq.transport.amqp import REJECTED_MAX_BYTES
+from fedmq.transport.mqtt import MqttAggregator, MqttParticipant
 from tests.integration.brokers import (
     REPO,
     BrokerStartError,
@@ -58,6 +60,7 @@ from tests.integration.brokers import (
     read_demo_passwords,
     world_readable_tmpdir,
 )
+from tests.integration.test_transport_mqtt import live_socket
 
 PASSWORDS = read_demo_passwords()
 UPLINK = "fedmq.default.uplink"  # where devices publish updates (the transport's uplink)
@@ -779,6 +782,38 @@ async def test_mqtts_uses_the_fedmq_ca(
     # A client that only trusts the system CAs refuses the broker's certificate.
     with pytest.raises(ssl.SSLCertVerificationError):
         await asyncio.to_thread(tls_handshake, port, ssl.create_default_context())
+
+
+@pytest.mark.parametrize(
+    "broker",
+    [
+        pytest.param("mosquitto", marks=pytest.mark.mqtt),
+        pytest.param("rabbit", marks=[pytest.mark.amqp, pytest.mark.mqtt]),
+    ],
+)
+async def test_fedmq_mqtts_connections_set_tcp_nodelay(
+    broker: str,
+    request: pytest.FixtureRequest,
+    certs: Certs,
+    job: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # fedmq's clients trust the system CAs; SSL_CERT_FILE makes them trust the fedmq CA.
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))
+    port = request.getfixturevalue(broker).ports["mqtts"]
+
+    def config(user: str) -> TransportConfig:
+        password = urllib.parse.quote(PASSWORDS[user], safe="")
+        return TransportConfig(url=f"mqtts://{user}:{password}@127.0.0.1:{port}", job=job)
+
+    async with (
+        MqttAggregator(config("aggregator")) as aggregator,
+        MqttParticipant(config("dev-01"), "dev-01") as device,
+    ):
+        for transport in (aggregator, device):
+            sock = live_socket(transport)
+            assert isinstance(sock, ssl.SSLSocket)
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 def tls_handshake(port: int, context: ssl.SSLContext) -> None:

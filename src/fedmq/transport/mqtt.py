@@ -7,18 +7,25 @@ Topics of job ``<job>``:
   ``fedmq-<job>-aggregator``, clean_session=False), so updates wait at the
   broker while it is away, and PUBACKs only after ``Delivery.ack()``.
 - ``fedmq/<job>/model``  retained, QoS 1, published by the aggregator.
-  Participants subscribe at QoS 1 with persistent sessions (client id
-  ``fedmq-<job>-p-<participant>``) and get the retained model at once.
+  Participants subscribe at QoS 1 with clean sessions (client id
+  ``fedmq-<job>-p-<participant>``): nothing is queued for a device while it is
+  away, and on each (re)subscribe it gets the retained model (the last keyframe)
+  at once, then the models published after it.
 - ``fedmq/<job>/rejected``  QoS 1, JSON ``{reason, detail, participant, size}``.
 - ``fedmq/<job>/control``  QoS 1, operator commands (``publish_control``; only the
   operator may write it, by the broker's ACL); the aggregator subscribes on the
   same persistent session and acknowledges each one as it takes it.
 
 One connection per transport object carries both its subscription and its
-publishes.  Each connection attempt builds a fresh ``aiomqtt.Client`` inside the
-backoff loop (aiomqtt's documented reconnection pattern) and resubscribes
-explicitly; the iterators handed to callers read from an inbox that outlives
-connections.
+publishes; every connection has ``TCP_NODELAY`` set (Nagle's algorithm would hold
+each small PUBACK back behind the peer's delayed ACK, about 40 ms).  Each
+connection attempt builds a fresh ``aiomqtt.Client`` inside the backoff loop
+(aiomqtt's documented reconnection pattern) and resubscribes explicitly; the
+iterators handed to callers read from an inbox that outlives connections.
+
+An update over ``max_message_bytes`` is dropped as it arrives and handed on as a
+refusal (``Delivery.refused``, ``too_large``), so the aggregator holds at most the
+broker's in-flight window (``max_inflight_messages``) of bodies within the limit.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ import asyncio
 import json
 import math
 import secrets
+import socket
 import ssl
 from collections.abc import Callable
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -40,8 +48,10 @@ from fedmq.errors import (
     BrokerUnavailable,
     ClosedResourceError,
     ConfigError,
+    Reason,
     Rejection,
     TransportError,
+    WireError,
 )
 from fedmq.transport._base import TransportConfig
 from fedmq.transport._common import (
@@ -51,7 +61,7 @@ from fedmq.transport._common import (
     redact_url,
 )
 from fedmq.transport._inbox import Inbox, InboxIterator
-from fedmq.transport._session import Session, SessionLost, SupervisedTransport
+from fedmq.transport._session import Session, SupervisedTransport
 
 __all__ = [
     "MqttAggregator",
@@ -63,12 +73,14 @@ __all__ = [
 ]
 
 _BROKER_ERRORS: tuple[type[BaseException], ...] = (aiomqtt.MqttError, OSError, TimeoutError)
-_SETTLE_ERRORS: tuple[type[BaseException], ...] = (SessionLost, *_BROKER_ERRORS)
 _KEEPALIVE_S = 30
 _MQTT_MAX_REMAINING = 268_435_455  # the protocol's largest packet body
 _DETAIL_MAX = 1000
 _MAX_CONTROLS = 1000  # commands buffered for the aggregator (the oldest go first)
 _REFUSED_CODES = {4, 5, 134, 135}  # CONNACK: bad username/password, not authorised (3.1.1 / 5)
+# Every broker connection: a PUBACK or a small publish goes out at once instead of
+# waiting (Nagle) for the ACK of the previous one, which the peer delays ~40 ms.
+_SOCKET_OPTIONS = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 class MqttTopics:
@@ -83,6 +95,10 @@ class MqttTopics:
 
     def updates(self, participant_id: str) -> str:
         return self._updates_prefix + participant_id
+
+    def participant_of(self, topic: str) -> str:
+        """The part of an update topic after ``fedmq/<job>/updates/`` ("" if empty)."""
+        return topic.removeprefix(self._updates_prefix)
 
 
 def mqtt_topics(job: str) -> MqttTopics:
@@ -116,6 +132,42 @@ def _limit(config: TransportConfig, topic: str) -> int:
     return min(config.max_message_bytes, _MQTT_MAX_REMAINING - 4 - len(topic.encode()))
 
 
+def _broker(url: str) -> SplitResult:
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts"):
+        raise ConfigError(f"broker: MQTT transport needs an mqtt:// URL, got {parts.scheme}")
+    return parts
+
+
+def _client(
+    broker: SplitResult,
+    *,
+    identifier: str,
+    clean_session: bool,
+    timeout: float,
+    queue_type: type[asyncio.Queue[aiomqtt.Message]] | None = None,
+    max_queued: int | None = None,
+) -> aiomqtt.Client:
+    """One connection's client; every role's goes through here (TLS, TCP_NODELAY)."""
+    tls = broker.scheme == "mqtts"
+    return aiomqtt.Client(
+        broker.hostname or "127.0.0.1",
+        broker.port or (8883 if tls else 1883),
+        username=unquote(broker.username) if broker.username else None,
+        password=unquote(broker.password) if broker.password else None,
+        identifier=identifier,
+        protocol=aiomqtt.ProtocolVersion.V311,
+        clean_session=clean_session,
+        timeout=timeout,
+        keepalive=_KEEPALIVE_S,
+        queue_type=queue_type,
+        max_queued_incoming_messages=max_queued,
+        tls_context=ssl.create_default_context() if tls else None,
+        # Set by aiomqtt on the connected socket (TLS or not).
+        socket_options=_SOCKET_OPTIONS,
+    )
+
+
 class _LatestQueue(asyncio.Queue[aiomqtt.Message]):
     """aiomqtt's incoming queue for participants: when full, drop the OLDEST message.
 
@@ -134,37 +186,73 @@ class _MqttSession(Session):
         super().__init__(label)
         self.client = client
 
-    def puback(self, message: aiomqtt.Message) -> None:
+    def publish_now(self, topic: str, body: bytes) -> bool:
+        """Queue a QoS 1 publish on this connection, ahead of anything sent after it.
+
+        Needs paho's in-flight limit off (``max_inflight_messages=0``), or paho would
+        hold the message back while later packets (a PUBACK) go out.
+        """
+        rc = self.client._client.publish(topic, body, qos=1).rc
+        if rc != paho.MQTT_ERR_SUCCESS:
+            LOG.info("%s: publish to %s not sent (rc=%s)", self.label, topic, rc)
+            self.lose(aiomqtt.MqttCodeError(rc, "could not publish"))
+            return False
+        return True
+
+    def puback(self, mid: int, qos: int) -> None:
         # aiomqtt has no manual-ack API; its paho client has (paho 2.x ack()).
-        rc = self.client._client.ack(message.mid, message.qos)
+        rc = self.client._client.ack(mid, qos)
         if rc != paho.MQTT_ERR_SUCCESS:
             # The socket is gone; the broker redelivers on reconnect (same client id).
-            LOG.info("%s: PUBACK mid=%d not sent (rc=%s)", self.label, message.mid, rc)
+            LOG.info("%s: PUBACK mid=%d not sent (rc=%s)", self.label, mid, rc)
             self.lose(aiomqtt.MqttCodeError(rc, "could not send PUBACK"))
 
 
 class _MqttDelivery:
-    """One update, acknowledged (PUBACK) on the connection it arrived on, only when settled."""
+    """One update, acknowledged (PUBACK) on the connection it arrived on, only when settled.
 
-    __slots__ = ("_message", "_rejected_topic", "_session", "_settled")
+    A body over ``limit`` bytes is dropped on arrival (``refused`` says why), so a flood
+    of huge messages never sits in memory waiting for the aggregator.
+    """
 
-    def __init__(self, message: aiomqtt.Message, session: _MqttSession, rejected_topic: str):
-        self._message = message
+    __slots__ = (
+        "_body",
+        "_mid",
+        "_qos",
+        "_rejected_topic",
+        "_session",
+        "_settled",
+        "_size",
+        "participant_hint",
+        "refused",
+    )
+
+    def __init__(
+        self, message: aiomqtt.Message, session: _MqttSession, topics: MqttTopics, limit: int
+    ) -> None:
+        self._mid, self._qos = message.mid, message.qos
         self._session = session
-        self._rejected_topic = rejected_topic
+        self._rejected_topic = topics.rejected
         self._settled = False
+        # The topic level after ``updates/``, "" when empty, never "unknown": under the
+        # broker's ACL (``fedmq/+/updates/%u``) it is the sender's authenticated id, and
+        # the aggregator refuses an update whose envelope names anyone else. The filter
+        # ``updates/+`` matches exactly one level; should a deeper topic arrive anyway,
+        # its whole rest ("a/b") is the hint, which matches no participant id.
+        self.participant_hint: str = topics.participant_of(message.topic.value)
+        body = message.payload
+        self._size = len(body)
+        self.refused: Rejection | None = None
+        if self._size > limit:
+            self.refused = WireError(
+                Reason.TOO_LARGE, f"message of {self._size} bytes, limit {limit}"
+            )
+            body = b""
+        self._body = body
 
     @property
     def body(self) -> bytes:
-        return self._message.payload
-
-    @property
-    def participant_hint(self) -> str | None:
-        return self._message.topic.value.rsplit("/", 1)[-1] or None
-
-    @property
-    def refused(self) -> Rejection | None:
-        return None
+        return self._body
 
     @property
     def stale(self) -> bool:
@@ -181,7 +269,7 @@ class _MqttDelivery:
         if self.stale:
             LOG.debug("mqtt: ack of a delivery from a lost connection ignored (redelivered)")
             return
-        self._session.puback(self._message)
+        self._session.puback(self._mid, self._qos)
 
     async def reject(self, rejection: Rejection) -> None:
         self._settle()
@@ -192,19 +280,15 @@ class _MqttDelivery:
             "reason": rejection.reason.value,
             "detail": rejection.detail[:_DETAIL_MAX],
             "participant": self.participant_hint,
-            "size": len(self.body),
+            "size": self._size,
         }
-        try:
-            await self._session.guard(
-                self._session.client.publish(
-                    self._rejected_topic, json.dumps(record).encode(), qos=1, timeout=math.inf
-                )
-            )
-        except _SETTLE_ERRORS as exc:
-            LOG.info("mqtt: reject failed (%r); the broker will redeliver", exc)
-            self._session.lose(exc)
-            return
-        self._session.puback(self._message)
+        # The record, then the PUBACK, back to back on this connection, without waiting
+        # for the broker's PUBACK of the record: a broker handles a connection's packets
+        # in order, so once it has our PUBACK it has the record. Waiting would cost a
+        # round trip per refusal, often stretched to ~40 ms by Nagle on the broker's
+        # side (Mosquitto's set_tcp_nodelay is off by default) meeting our delayed ACK.
+        if self._session.publish_now(self._rejected_topic, json.dumps(record).encode()):
+            self._session.puback(self._mid, self._qos)
 
 
 class _MqttBase(SupervisedTransport[_MqttSession]):
@@ -218,18 +302,13 @@ class _MqttBase(SupervisedTransport[_MqttSession]):
         client_id: str,
         subscription: str,
         manual_ack: bool,
+        clean_session: bool,
     ) -> None:
-        parts = urlsplit(config.url)
-        if parts.scheme not in ("mqtt", "mqtts"):
-            raise ConfigError(f"broker: MQTT transport needs an mqtt:// URL, got {parts.scheme}")
+        self._broker = _broker(config.url)
         self._init_lifecycle(config, f"mqtt {role} job={config.job}")
         self._topics = MqttTopics(config.job)
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-        self._username = unquote(parts.username) if parts.username else None
-        self._password = unquote(parts.password) if parts.password else None
-        self._tls = parts.scheme == "mqtts"
         self._client_id = client_id
+        self._clean_session = clean_session
         self._subscription = subscription
         # A second subscription that may be refused (by ACL) without stopping the transport.
         self._optional_subscription: str | None = None
@@ -256,19 +335,13 @@ class _MqttBase(SupervisedTransport[_MqttSession]):
     def _make_client(
         self, *, queue_type: type[asyncio.Queue[aiomqtt.Message]] | None, max_queued: int | None
     ) -> aiomqtt.Client:
-        client = aiomqtt.Client(
-            self._host,
-            self._port,
-            username=self._username,
-            password=self._password,
+        client = _client(
+            self._broker,
             identifier=self._client_id,
-            protocol=aiomqtt.ProtocolVersion.V311,
-            clean_session=False,
+            clean_session=self._clean_session,
             timeout=self._config.connect_timeout_s,
-            keepalive=_KEEPALIVE_S,
             queue_type=queue_type,
-            max_queued_incoming_messages=max_queued,
-            tls_context=ssl.create_default_context() if self._tls else None,
+            max_queued=max_queued,
         )
         if self._manual_ack:
             # PUBACK only when the aggregator settles the update (Delivery.ack/reject),
@@ -278,6 +351,9 @@ class _MqttBase(SupervisedTransport[_MqttSession]):
             # not yet settled when the connection drops. aiomqtt has no API for this;
             # its paho client (``_client``, paho 2.x) has. Set before connecting.
             client._client.manual_ack_set(True)
+            # No client-side in-flight limit, so a rejection record is never held back
+            # behind the PUBACK that follows it (_MqttSession.publish_now).
+            client._client.max_inflight_messages_set(0)
         return client
 
     async def _serve(self, up: Callable[[_MqttSession], None]) -> None:
@@ -338,6 +414,7 @@ class MqttAggregator(_MqttBase):
             client_id=f"fedmq-{config.job}-aggregator",
             subscription=topics.updates_filter,
             manual_ack=True,
+            clean_session=False,  # updates wait at the broker while it is away
         )
         # Unbounded on purpose, here and in aiomqtt: with manual acks the broker sends
         # at most its in-flight window (Mosquitto max_inflight_messages, default 20)
@@ -362,9 +439,10 @@ class MqttAggregator(_MqttBase):
     def _on_message(self, session: _MqttSession, message: aiomqtt.Message) -> None:
         if message.topic.value == self._topics.control:
             self._controls.put(message.payload)
-            session.puback(message)  # at most once: commands are few and idempotent
+            session.puback(message.mid, message.qos)  # at most once: few and idempotent
             return
-        self._inbox.put(_MqttDelivery(message, session, self._topics.rejected))
+        limit = self._config.max_message_bytes
+        self._inbox.put(_MqttDelivery(message, session, self._topics, limit))
 
     def updates(self) -> InboxIterator[_MqttDelivery]:
         """Every update, across reconnects, until closed; stale deliveries are skipped."""
@@ -389,22 +467,15 @@ async def publish_control(config: TransportConfig, body: bytes) -> None:
     no retries. MQTT 3.1.1 cannot say "not authorised": a broker whose ACL refuses the
     publish acknowledges it and drops it, so check the aggregator's metrics or log.
     """
-    parts = urlsplit(config.url)
-    if parts.scheme not in ("mqtt", "mqtts"):
-        raise ConfigError(f"broker: MQTT transport needs an mqtt:// URL, got {parts.scheme}")
+    broker = _broker(config.url)
     topic = MqttTopics(config.job).control
     check_size(body, _limit(config, topic), "control command")
     label = f"mqtt operator job={config.job}"
-    client = aiomqtt.Client(
-        parts.hostname or "127.0.0.1",
-        parts.port or (8883 if parts.scheme == "mqtts" else 1883),
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
+    client = _client(
+        broker,
         identifier=f"fedmq-{config.job}-operator-{secrets.token_hex(4)}",
-        protocol=aiomqtt.ProtocolVersion.V311,
         clean_session=True,
         timeout=config.connect_timeout_s,
-        tls_context=ssl.create_default_context() if parts.scheme == "mqtts" else None,
     )
     connected = False
     try:
@@ -432,10 +503,15 @@ class MqttParticipant(_MqttBase):
             client_id=f"fedmq-{config.job}-p-{participant_id}",
             subscription=topics.model,
             manual_ack=False,  # a model needs no ack after use: the retained copy stays
+            # A device needs only the newest model: the retained keyframe, which every
+            # (re)subscribe brings, then the deltas after it. A persistent session would
+            # queue every model published while it is away (up to the broker's
+            # max_queued_messages), all to cross its link on return. Its updates need
+            # no session: an unconfirmed publish is sent again on the next connection.
+            clean_session=True,
         )
         self._update_topic = topics.updates(participant_id)
-        # Latest wins, in aiomqtt's queue and ours: only the newest model matters,
-        # and a persistent session can hold many queued models after an absence.
+        # Latest wins, in aiomqtt's queue and ours: only the newest model matters.
         self._models: Inbox[bytes] = Inbox(maxlen=1)
 
     def _close_inbox(self) -> None:
