@@ -4,6 +4,7 @@
     ├── ConfigError            invalid configuration (names the field and the allowed values)
     ├── DataError              dataset files missing, truncated or failing their checksum
     ├── ClosedResourceError    a long-lived resource used after it was closed, or reopened
+    ├── ModelMismatch          this device's model is not the aggregator's (names, shapes, dtypes)
     ├── TransportError         broker trouble, mapped from aio-pika / aiomqtt at the boundary
     │   ├── BrokerUnavailable  cannot reach the broker (yet); callers retry
     │   └── PayloadTooLarge    a message larger than the broker accepts; refused before sending
@@ -25,6 +26,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "FedmqError",
+    "ModelMismatch",
     "PayloadTooLarge",
     "Reason",
     "RejectedUpdate",
@@ -81,6 +83,12 @@ class DataError(FedmqError):
 
 class ClosedResourceError(FedmqError, RuntimeError):
     """A long-lived resource was used after it was closed, or entered twice."""
+
+
+class ModelMismatch(FedmqError):
+    """The first model a device received is not its own model: it cannot take part.
+
+    The message is one line naming the tensors that differ."""
 
 
 class TransportError(FedmqError):

@@ -25,6 +25,7 @@ import time
 import numpy as np
 import numpy.typing as npt
 
+from fedmq.errors import ModelMismatch, Reason, WireError
 from fedmq.wire import (
     ModelEnvelope,
     TensorSpec,
@@ -63,10 +64,16 @@ class ModelView:
         """Take one model message; the new ``(version, params)``, or None if it changes nothing.
 
         ``now``: this device's clock (unix seconds) when the message arrived.
-        Raises ``WireError`` for bytes that are not a valid model or delta.
+        Raises ``WireError`` for bytes that are not a valid model or delta, and
+        ``ModelMismatch`` if the first full model received is not this device's model.
         """
         self.received += 1
-        envelope = decode_any_model(body, spec=self._spec, limits=self._limits)
+        try:
+            envelope = decode_any_model(body, spec=self._spec, limits=self._limits)
+        except WireError as error:
+            if error.reason is Reason.TENSOR_MISMATCH and self.version is None:
+                self._check_first(body)
+            raise
         keyframe = isinstance(envelope, ModelEnvelope)
         if self.version is not None and self._published is not None:
             newer = (
@@ -97,3 +104,29 @@ class ModelView:
         arrived = time.time() if now is None else now
         self._published = min(envelope.created, arrived)
         return envelope.version, params
+
+    def _check_first(self, body: bytes) -> None:
+        """Raise ModelMismatch if ``body`` is a full model of another architecture."""
+        try:
+            theirs = decode_any_model(body, limits=self._limits)  # any float32 tensors
+        except WireError:
+            return  # a delta, or not a model at all: nothing to compare with
+        shapes = {t.name: (tuple(t.shape), t.dtype) for t in theirs.tensors}
+        raise ModelMismatch(
+            f"the aggregator's model is not this device's: {_differences(self._spec, shapes)}"
+        )
+
+
+def _differences(ours: TensorSpec, theirs: TensorSpec, most: int = 8) -> str:
+    """One line naming the tensors that differ (at most ``most`` of them, then a count)."""
+    found = []
+    for name in sorted(set(ours) | set(theirs)):
+        if name not in theirs:
+            found.append(f"{name} only here")
+        elif name not in ours:
+            found.append(f"{name} only there")
+        elif tuple(ours[name][0]) != tuple(theirs[name][0]) or ours[name][1] != theirs[name][1]:
+            (a, ad), (b, bd) = ours[name], theirs[name]
+            found.append(f"{name} {list(a)} {ad} here, {list(b)} {bd} there")
+    more = f" and {len(found) - most} more" if len(found) > most else ""
+    return "; ".join(found[:most]) + more

@@ -16,6 +16,7 @@ from fedmq.data import (
     resolve_data_dir,
     to_tensors,
 )
+from fedmq.errors import ModelMismatch
 from fedmq.participant._config import ParticipantConfig
 from fedmq.participant._runtime import Participant, ParticipantStats
 from fedmq.transport import TransportConfig, connect_participant
@@ -60,14 +61,17 @@ async def run_participant(
         examples=len(y),
         broker=transport_config.redacted_url,
     )
-    async with (
-        connect_participant(transport_config, config.participant_id) as transport,
-        asyncio.TaskGroup() as tg,
-    ):
-        participant = Participant(config, transport, x, y)
-        log_event(_log, "resuming", next_seq=participant.next_seq, pending=participant.pending)
-        participant.start(tg)
-        tg.create_task(_status(config.participant_id, participant.stats), name="status")
+    try:
+        async with (
+            connect_participant(transport_config, config.participant_id) as transport,
+            asyncio.TaskGroup() as tg,
+        ):
+            participant = Participant(config, transport, x, y)
+            log_event(_log, "resuming", next_seq=participant.next_seq, pending=participant.pending)
+            participant.start(tg)
+            tg.create_task(_status(config.participant_id, participant.stats), name="status")
+    except* ModelMismatch as group:  # cannot take part: say why in one line, and exit
+        raise group.exceptions[0] from None
     return 0
 
 
