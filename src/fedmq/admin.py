@@ -17,8 +17,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedmq.aggregator._tuning import parse_assignments
 from fedmq.errors import ConfigError
+from fedmq.strategies import parse_assignments
 from fedmq.transport import TransportConfig, send_control
 from fedmq.wire import (
     ControlCommand,

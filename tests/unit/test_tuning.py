@@ -18,15 +18,7 @@ from fedmq.admin import ctl
 from fedmq.aggregator import Aggregator, AggregatorConfig, ControlConfig
 from fedmq.aggregator._checkpoint import load_checkpoint
 from fedmq.aggregator._control import ControlGate
-from fedmq.aggregator._tuning import (
-    changes,
-    handle_control,
-    knob_values,
-    parse_assignments,
-    strategy_from_dict,
-    strategy_to_dict,
-    tuned,
-)
+from fedmq.aggregator._tuning import handle_control
 from fedmq.errors import ConfigError, Reason, WireError
 from fedmq.strategies import (
     FedAsyncConfig,
@@ -34,6 +26,12 @@ from fedmq.strategies import (
     FedBuffConfig,
     StalenessConfig,
     StrategyConfig,
+    changes,
+    knob_values,
+    parse_assignments,
+    strategy_from_dict,
+    strategy_to_dict,
+    tuned,
 )
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant, send_control
 from fedmq.wire import (

@@ -30,8 +30,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from fedmq.aggregator._tuning import knob_values
 from fedmq.errors import ConfigError, Reason
+from fedmq.strategies import knob_values
 
 if TYPE_CHECKING:
     from fedmq.aggregator._service import Aggregator

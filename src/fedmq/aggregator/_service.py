@@ -43,18 +43,20 @@ from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._downlink import Downlink
 from fedmq.aggregator._health import watch_evaluation
 from fedmq.aggregator._stats import AccuracyPoint, AggregatorStats
-from fedmq.aggregator._tuning import (
-    changes,
-    flush_due,
-    retuned,
-    serve_controls,
-    strategy_from_dict,
-    strategy_to_dict,
-)
+from fedmq.aggregator._tuning import retuned, serve_controls
 from fedmq.aggregator._versions import VersionStore
 from fedmq.codecs import CodecConfig, SparseTensor, encode_params
 from fedmq.errors import ConfigError, Reason, RejectedUpdate, Rejection
-from fedmq.strategies import Contribution, Delta, StrategyConfig, make_strategy
+from fedmq.strategies import (
+    Contribution,
+    Delta,
+    StrategyConfig,
+    changes,
+    flush_due,
+    make_strategy,
+    strategy_from_dict,
+    strategy_to_dict,
+)
 from fedmq.transport import AggregatorTransport, Delivery
 from fedmq.wire import (
     ModelEnvelope,

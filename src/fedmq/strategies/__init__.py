@@ -38,8 +38,21 @@ from fedmq.strategies._strategy import (
     make_strategy,
     strategy_warnings,
 )
+from fedmq.strategies._tuning import (
+    KNOBS,
+    Knob,
+    KnobValue,
+    changes,
+    flush_due,
+    knob_values,
+    parse_assignments,
+    strategy_from_dict,
+    strategy_to_dict,
+    tuned,
+)
 
 __all__ = [
+    "KNOBS",
     "SERVER_OPTIMIZERS",
     "STALENESS_FUNCTIONS",
     "STRATEGY_NAMES",
@@ -50,6 +63,8 @@ __all__ = [
     "FedAvgState",
     "FedBuffConfig",
     "FedBuffState",
+    "Knob",
+    "KnobValue",
     "Params",
     "ServerOptimizer",
     "StalenessConfig",
@@ -57,6 +72,7 @@ __all__ = [
     "Strategy",
     "StrategyConfig",
     "StrategyName",
+    "changes",
     "default_server_lr",
     "fedasync_apply",
     "fedavg_aggregate",
@@ -65,7 +81,13 @@ __all__ = [
     "fedbuff_init",
     "fedbuff_ready",
     "fedbuff_warnings",
+    "flush_due",
+    "knob_values",
     "make_strategy",
+    "parse_assignments",
     "staleness_weight",
+    "strategy_from_dict",
+    "strategy_to_dict",
     "strategy_warnings",
+    "tuned",
 ]
