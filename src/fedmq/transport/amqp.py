@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -99,6 +100,7 @@ _BROKER_ERRORS: tuple[type[BaseException], ...] = (
 )
 _REJECT_ERRORS: tuple[type[BaseException], ...] = (SessionLost, PayloadTooLarge, *_BROKER_ERRORS)
 DEAD_LETTER_EXCHANGE = "fedmq.dlx"  # broker_config/definitions.json's, if the broker has it
+_DROPPED_LOG_EVERY_S = 60.0
 _MODELS_PREFETCH = 2  # stream consumers need a prefetch (it is their credit)
 _DETAIL_MAX = 1000  # characters of a rejection's detail kept in its header
 _CLOSE_TIMEOUT_S = 5.0
@@ -501,6 +503,8 @@ class AmqpAggregator(_AmqpBase):
         # deliveries out per channel, so this holds at most that many live ones.
         self._inbox: Inbox[_AmqpDelivery] = Inbox()
         self._controls: Inbox[bytes] = Inbox(maxlen=_MAX_CONTROLS)
+        self.controls_dropped = 0  # commands of another user than control_publisher
+        self._dropped_logged_at = -float("inf")
 
     def _close_inbox(self) -> None:
         self._inbox.close()
@@ -534,12 +538,17 @@ class AmqpAggregator(_AmqpBase):
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         publisher = self._config.control_publisher
         if publisher is not None and message.user_id != publisher:
-            LOG.warning(
-                "%s: dropped a control command published by user %r, not %r",
-                self._label,
-                message.user_id,
-                publisher,
-            )
+            self.controls_dropped += 1
+            now = time.monotonic()
+            if now - self._dropped_logged_at >= _DROPPED_LOG_EVERY_S:  # a flood: one line a minute
+                self._dropped_logged_at = now
+                LOG.warning(
+                    "%s: dropped a control command published by user %r, not %r (%d so far)",
+                    self._label,
+                    message.user_id,
+                    publisher,
+                    self.controls_dropped,
+                )
             return
         self._controls.put(message.body)
 
