@@ -25,15 +25,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fedmq.codecs import CodecConfig, encode_tensor
 from fedmq.wire import (
     ControlEnvelope,
+    EvalEnvelope,
     ModelEnvelope,
     PrivateKey,
     Signer,
     UpdateEnvelope,
     decode_control,
+    decode_eval,
     decode_model,
     decode_signed,
     decode_update,
     encode_control,
+    encode_eval,
     encode_model,
     encode_update,
     materialize,
@@ -95,6 +98,17 @@ def example_control() -> ControlEnvelope:
         command="set",
         values={"alpha": 0.4, "max_staleness": 10},
         issued=1_700_000_000.0,
+    )
+
+
+def example_eval() -> EvalEnvelope:
+    """Device ``dev-0001``'s report on version 42: RMSE and MAE over 480 held-out examples."""
+    return EvalEnvelope(
+        participant="dev-0001",
+        version=42,
+        num_examples=480,
+        metrics={"rmse": 21.5, "mae": 13.25},
+        created=1_700_000_000.5,
     )
 
 
@@ -326,6 +340,8 @@ def render_blocks() -> dict[str, str]:
     assert decode_signed(sealed).body == update_bytes
     control_bytes = encode_control(example_control())
     assert decode_control(control_bytes) == example_control()
+    eval_bytes = encode_eval(example_eval())
+    assert decode_eval(eval_bytes) == example_eval()
     return {
         "update-example": _example("The whole update", update_bytes),
         "model-example": _example("The whole model", model_bytes),
@@ -335,6 +351,10 @@ def render_blocks() -> dict[str, str]:
         "control-example": _example("The whole command", control_bytes),
         "signed-control-example": _signed_example(
             example_operator(), control_bytes, "the command above", "The whole signed command"
+        ),
+        "eval-example": _example("The whole report", eval_bytes),
+        "signed-eval-example": _signed_example(
+            example_signer(), eval_bytes, "the report above", "The whole signed report"
         ),
         "sizes": _size_table(),
     }

@@ -5,6 +5,7 @@ from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._control import ControlConfig
 from fedmq.aggregator._downlink import Downlink, DownlinkConfig
 from fedmq.aggregator._evaluator import Evaluator
+from fedmq.aggregator._fedeval import DeviceMetric, FederatedEval, FedEvalConfig, MetricSummary
 from fedmq.aggregator._metrics import AggregatorCollector, MetricsConfig, MetricsServer
 from fedmq.aggregator._service import Aggregator
 from fedmq.aggregator._stats import AccuracyPoint, AggregatorStats
@@ -17,9 +18,13 @@ __all__ = [
     "AggregatorStats",
     "BoundsConfig",
     "ControlConfig",
+    "DeviceMetric",
     "Downlink",
     "DownlinkConfig",
     "Evaluator",
+    "FedEvalConfig",
+    "FederatedEval",
+    "MetricSummary",
     "MetricsConfig",
     "MetricsServer",
 ]

@@ -8,7 +8,8 @@ docs/wire-format.md; ``python -m fedmq.wire.fuzz`` fuzzes the decoder at length.
 
 Signing (``fedmq.signed/1``): a ``Signer`` seals encoded bytes with an Ed25519 key, a
 ``Verifier`` checks them against a ``KeyRing`` (``open_update``, ``open_model``,
-``open_signed``). Operator commands travel as ``fedmq.control/1``.
+``open_signed``). Operator commands travel as ``fedmq.control/1``; a device's evaluation
+report as ``fedmq.eval/1`` (``encode_eval``, ``decode_eval``, ``open_eval``).
 """
 
 from fedmq.wire._control import (
@@ -36,6 +37,19 @@ from fedmq.wire._envelope import (
     UpdateEnvelope,
     WireLimits,
     tensor_spec_of,
+)
+from fedmq.wire._eval import (
+    EVAL_LIMITS,
+    MAX_METRICS,
+    METRIC_NAME_PATTERN,
+    METRIC_NAME_RULE,
+    SCHEMA_EVAL,
+    EvalEnvelope,
+    check_metric_name,
+    decode_eval,
+    encode_eval,
+    is_metric_name,
+    open_eval,
 )
 from fedmq.wire._ids import (
     MAX_PARTICIPANT_ID,
@@ -71,10 +85,15 @@ from fedmq.wire._signed import (
 
 __all__ = [
     "CONTROL_LIMITS",
+    "EVAL_LIMITS",
+    "MAX_METRICS",
     "MAX_PARTICIPANT_ID",
+    "METRIC_NAME_PATTERN",
+    "METRIC_NAME_RULE",
     "PARTICIPANT_ID_PATTERN",
     "PARTICIPANT_ID_RULE",
     "SCHEMA_CONTROL",
+    "SCHEMA_EVAL",
     "SCHEMA_MODEL",
     "SCHEMA_MODEL_DELTA",
     "SCHEMA_SIGNED",
@@ -82,6 +101,7 @@ __all__ = [
     "ControlCommand",
     "ControlEnvelope",
     "ControlValue",
+    "EvalEnvelope",
     "KeyRing",
     "ModelDeltaEnvelope",
     "ModelEnvelope",
@@ -92,19 +112,23 @@ __all__ = [
     "UpdateEnvelope",
     "Verifier",
     "WireLimits",
+    "check_metric_name",
     "check_participant_id",
     "create_key_pair",
     "decode_any_model",
     "decode_control",
+    "decode_eval",
     "decode_model",
     "decode_signed",
     "decode_update",
     "encode_control",
+    "encode_eval",
     "encode_model",
     "encode_model_delta",
     "encode_signed",
     "encode_update",
     "fingerprint",
+    "is_metric_name",
     "is_participant_id",
     "is_signed",
     "key_owner",
@@ -113,6 +137,7 @@ __all__ = [
     "materialize",
     "materialize_sparse",
     "message_limit_for",
+    "open_eval",
     "open_model",
     "open_signed",
     "open_update",

@@ -146,6 +146,15 @@ def _str(value: object, where: str, max_bytes: int) -> str:
     return value
 
 
+def _participant(value: object, limits: WireLimits) -> str:
+    participant = _str(value, "participant", limits.max_participant_bytes)
+    if not is_participant_id(participant):
+        _fail(
+            Reason.BAD_PARTICIPANT, f"participant {_short(participant)}: not {PARTICIPANT_ID_RULE}"
+        )
+    return participant
+
+
 def _tensor(obj: object, where: str, limits: WireLimits) -> EncodedTensor:
     fields = _fields(obj, _TENSOR_FIELDS, where)
     name = _str(fields["name"], f"{where}.name", limits.max_name_bytes)
@@ -231,13 +240,8 @@ def decode_update(
     index order, scales) are checked when ``materialize`` decodes them.
     """
     fields = _envelope(data, SCHEMA_UPDATE, _UPDATE_FIELDS, limits)
-    participant = _str(fields["participant"], "participant", limits.max_participant_bytes)
-    if not is_participant_id(participant):
-        _fail(
-            Reason.BAD_PARTICIPANT, f"participant {_short(participant)}: not {PARTICIPANT_ID_RULE}"
-        )
     return UpdateEnvelope(
-        participant=participant,
+        participant=_participant(fields["participant"], limits),
         seq=_uint(fields["seq"], "seq"),
         base_version=_uint(fields["base_version"], "base_version"),
         num_examples=_uint(fields["num_examples"], "num_examples"),

@@ -1,8 +1,9 @@
-"""The signed envelope ``fedmq.signed/1``: an update or a model, wrapped with an Ed25519 signature.
+"""The signed envelope ``fedmq.signed/1``: an update, a model, a report or a command, wrapped
+with an Ed25519 signature.
 
     {"schema": "fedmq.signed/1", "key_id": str, "body": bin, "sig": bin (64 bytes)}
 
-``body`` is a complete ``fedmq.update/1`` or ``fedmq.model/1`` envelope, byte for byte,
+``body`` is a complete envelope (e.g. ``fedmq.update/1`` or ``fedmq.model/1``), byte for byte,
 so the signature covers everything in it (participant, seq, base version, tensors...).
 ``sig`` is Ed25519 (RFC 8032) over the *signed message*::
 
@@ -47,6 +48,7 @@ __all__ = [
     "SignedEnvelope",
     "Signer",
     "Verifier",
+    "check_signer",
     "decode_signed",
     "encode_signed",
     "is_signed",
@@ -196,6 +198,16 @@ def open_signed(
     return env.body, env.key_id
 
 
+def check_signer(key_id: str | None, participant: str, what: str) -> None:
+    """``participant_mismatch`` unless the key that verified a participant's ``what``
+    (an update, a report) is one that participant owns; nothing if none verified it."""
+    if key_id is not None and key_owner(key_id) != participant:
+        _fail(
+            Reason.PARTICIPANT_MISMATCH,
+            f"{what} of {participant!r} signed by key {key_id!r} of {key_owner(key_id)!r}",
+        )
+
+
 def open_update(
     data: bytes,
     *,
@@ -210,11 +222,7 @@ def open_update(
     """
     body, key_id = open_signed(data, verifier=verifier, limits=limits)
     update = decode_update(body, spec=spec, limits=limits)
-    if key_id is not None and key_owner(key_id) != update.participant:
-        _fail(
-            Reason.PARTICIPANT_MISMATCH,
-            f"update of {update.participant!r} signed by key {key_id!r} of {key_owner(key_id)!r}",
-        )
+    check_signer(key_id, update.participant, "update")
     return update
 
 
