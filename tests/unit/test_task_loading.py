@@ -102,3 +102,10 @@ def test_a_task_needs_its_pieces() -> None:
             evaluate=lambda model, dataset: {},
             target=Metric("accuracy", higher_is_better=True),
         )
+
+
+def test_a_metric_name_must_travel_in_an_eval_report() -> None:
+    assert Metric("rmse", higher_is_better=False).name == "rmse"
+    for bad in ("", "RMSE", "pm2.5"):
+        with pytest.raises(ConfigError, match=r"Metric\.name"):
+            Metric(bad, higher_is_better=False)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from fedmq.errors import ConfigError
+from fedmq.wire import METRIC_NAME_RULE, is_metric_name
 
 __all__ = ["DeviceData", "Metric", "Task"]
 
@@ -37,8 +38,8 @@ class Metric:
     higher_is_better: bool
 
     def __post_init__(self) -> None:
-        if not self.name:
-            raise ConfigError("Metric.name: must not be empty")
+        if not is_metric_name(self.name):  # it travels in eval reports (wire-format 12)
+            raise ConfigError(f"Metric.name: {self.name!r} must be {METRIC_NAME_RULE}")
 
     def better(self, a: float, b: float) -> bool:
         """Whether ``a`` is strictly better than ``b``."""
