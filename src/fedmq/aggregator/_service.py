@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -283,7 +284,7 @@ class Aggregator:
                 raise delivery.refused
             if isinstance(decoded, Rejection):
                 raise decoded
-            update, delta = decoded
+            update, delta, norm = decoded
             if (
                 self._strategy.needs_base
                 and update.base_version not in self._history
@@ -293,7 +294,7 @@ class Aggregator:
                 # which cannot hold it yet): its view is the base the strategy needs.
                 await asyncio.shield(self._publish_task)
             seq = update.seq
-            contribution, norm = self._admit(update, delta, delivery.participant_hint)
+            contribution = self._admit(update, delta, norm, delivery.participant_hint)
             if self._strategy.changes_model(self._state):
                 new_params, state = await asyncio.to_thread(
                     _checked_step, self._strategy.step, self._params, self._state, contribution
@@ -473,7 +474,8 @@ class Aggregator:
                 decoded.append(rejection)
         return decoded
 
-    def _decode(self, body: bytes) -> tuple[UpdateEnvelope, Delta]:
+    def _decode(self, body: bytes) -> tuple[UpdateEnvelope, Delta, float]:
+        """The update, its delta and the delta's L2 norm (all tensors together)."""
         update = open_update(
             body, spec=self._spec, limits=self.config.limits, verifier=self.config.update_verifier
         )
@@ -483,12 +485,14 @@ class Aggregator:
             if isinstance(tensor, np.ndarray):
                 # Ours alone and never written: strategies may keep it without a copy.
                 tensor.flags.writeable = False
-        return update, delta
+        # Here, in the worker thread: O(model) per update, kept off the event loop.
+        norm = math.sqrt(sum(_squared_norm(t) for t in delta.values()))
+        return update, delta, norm
 
     def _admit(
-        self, update: UpdateEnvelope, delta: Delta, hint: str | None
-    ) -> tuple[Contribution, float]:
-        """Policy checks on a well-formed update, and its L2 norm; raises RejectedUpdate."""
+        self, update: UpdateEnvelope, delta: Delta, norm: float, hint: str | None
+    ) -> Contribution:
+        """Policy checks on a well-formed update of L2 norm ``norm``; raises RejectedUpdate."""
         pid = update.participant
         allowed = self.config.allowed_participants
         if allowed is not None and pid not in allowed:
@@ -509,7 +513,6 @@ class Aggregator:
             raise RejectedUpdate(
                 Reason.TOO_STALE, f"staleness {staleness} > {self._strategy.max_staleness}"
             )
-        norm = float(np.sqrt(sum(_squared_norm(t) for t in delta.values())))
         self._bounds.check(norm, update.num_examples)
         base = None
         if self._strategy.needs_base:
@@ -518,10 +521,9 @@ class Aggregator:
                 raise RejectedUpdate(
                     Reason.TOO_STALE, f"base version {update.base_version} is no longer held"
                 )
-        contribution = Contribution(
+        return Contribution(
             delta=delta, staleness=staleness, num_examples=update.num_examples, base=base
         )
-        return contribution, norm
 
     async def _advance(self, new_params: Params) -> None:
         self._params = new_params
@@ -599,7 +601,7 @@ class Aggregator:
             watch_evaluation(self.stats.health, version, accuracy, loss)
 
 
-_Decoded = tuple[UpdateEnvelope, Delta] | Rejection
+_Decoded = tuple[UpdateEnvelope, Delta, float] | Rejection
 _Decoding = asyncio.Future[list[_Decoded]]
 
 # Updates decoded in one worker-thread call (at most; a batch is what has arrived).
@@ -607,10 +609,10 @@ _BATCH = 32
 
 
 def _squared_norm(tensor: np.ndarray | SparseTensor) -> float:
-    values = tensor.values if isinstance(tensor, SparseTensor) else tensor
-    # In float64: a float32 sum of squares overflows long before the values do.
-    flat = np.asarray(values, dtype=np.float64).ravel()
-    return float(np.dot(flat, flat))
+    if isinstance(tensor, SparseTensor):
+        return tensor.squared_norm()
+    # float32 BLAS, no copy; a sum that overflows is inf, which every bound refuses.
+    return float(np.vdot(tensor, tensor))
 
 
 def _finite(params: Mapping[str, np.ndarray]) -> bool:
