@@ -8,7 +8,17 @@ from torch import nn
 
 from fedmq.errors import ConfigError, DataError
 
-__all__ = ["evaluate", "train_local"]
+__all__ = ["check_training", "evaluate", "train_local"]
+
+
+def check_training(*, epochs: int, batch_size: int, lr: float) -> None:
+    """ConfigError unless a local training's settings can train (every training loop's)."""
+    if epochs < 1:
+        raise ConfigError(f"epochs: must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
+    if not lr > 0:
+        raise ConfigError(f"lr: must be > 0, got {lr}")
 
 
 def train_local(
@@ -31,12 +41,7 @@ def train_local(
     Returns the example-weighted mean cross-entropy over the last epoch, as
     measured on each batch before its step.
     """
-    if epochs < 1:
-        raise ConfigError(f"epochs: must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
-    if not lr > 0:
-        raise ConfigError(f"lr: must be > 0, got {lr}")
+    check_training(epochs=epochs, batch_size=batch_size, lr=lr)
     n = _check_xy(x, y)
 
     generator = torch.Generator().manual_seed(seed)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from fedmq.errors import ConfigError, DataError
+from fedmq.models import check_training
 
 __all__ = ["FitResult", "fit", "predict", "train_epochs", "validation_loss"]
 
@@ -37,7 +38,7 @@ def train_epochs(
     example-weighted mean loss of the last epoch, measured on each batch before
     its step.
     """
-    _check(epochs=epochs, lr=lr, batch_size=batch_size)
+    check_training(epochs=epochs, batch_size=batch_size, lr=lr)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     loss = float("nan")
@@ -72,7 +73,7 @@ def fit(
 
     The same loop as ``train_epochs`` (one Adam state across all epochs).
     """
-    _check(epochs=max_epochs, lr=lr, batch_size=batch_size)
+    check_training(epochs=max_epochs, batch_size=batch_size, lr=lr)
     if patience < 1:
         raise ConfigError(f"patience: must be >= 1, got {patience}")
     started = time.perf_counter()
@@ -144,12 +145,3 @@ def _size(dataset: TensorDataset) -> int:
     if n == 0:
         raise DataError("no examples: cannot train or evaluate on an empty set")
     return n
-
-
-def _check(*, epochs: int, lr: float, batch_size: int) -> None:
-    if epochs < 1:
-        raise ConfigError(f"epochs: must be >= 1, got {epochs}")
-    if batch_size < 1:
-        raise ConfigError(f"batch_size: must be >= 1, got {batch_size}")
-    if not lr > 0:
-        raise ConfigError(f"lr: must be > 0, got {lr}")
