@@ -39,7 +39,6 @@ from fedmq.wire import (
     tensor_spec_of,
 )
 from tests.integration.fleet import FedmqProcess, wait_for
-from tests.integration.test_signing_and_tuning import broker  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -101,7 +100,7 @@ def _versions(proc: FedmqProcess) -> list[int]:
 
 
 async def test_a_restart_knows_every_version_published_before_the_kill(
-    broker: str,  # noqa: F811 - the fixture
+    broker: str,
     job: str,
     tmp_path: Path,
     data_dir: Path,
@@ -151,7 +150,7 @@ async def test_a_restart_knows_every_version_published_before_the_kill(
 
 
 async def test_a_participant_id_cannot_collide_with_the_checkpoint(
-    broker: str,  # noqa: F811
+    broker: str,
     job: str,
     tmp_path: Path,
 ) -> None:
@@ -172,7 +171,7 @@ async def test_a_participant_id_cannot_collide_with_the_checkpoint(
 
 
 async def test_huge_updates_are_refused_and_the_model_stays_finite(
-    broker: str,  # noqa: F811
+    broker: str,
     job: str,
     tmp_path: Path,
 ) -> None:
@@ -195,7 +194,7 @@ async def test_huge_updates_are_refused_and_the_model_stays_finite(
 
 
 async def test_without_bounds_a_non_finite_model_is_never_applied(
-    broker: str,  # noqa: F811
+    broker: str,
     job: str,
     tmp_path: Path,
 ) -> None:
@@ -250,7 +249,7 @@ async def _follow(url: str, job: str, view: ModelView, until: int, limit_s: floa
 
 
 async def test_devices_leave_a_forged_version_and_a_lost_line(
-    broker: str,  # noqa: F811
+    broker: str,
     job: str,
 ) -> None:
     view = ModelView(SPEC, WireLimits())

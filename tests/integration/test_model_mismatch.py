@@ -14,14 +14,13 @@ import pytest
 
 from fedmq.transport import TransportConfig, connect_participant
 from tests.integration.fleet import FedmqProcess, wait_for
-from tests.integration.test_signing_and_tuning import broker  # noqa: F401 - a fixture
 from tests.updates import delta, update
 
 pytestmark = pytest.mark.timeout(240)
 
 
 async def test_a_device_with_another_model_exits_with_one_line(
-    broker: str,  # noqa: F811 - the fixture
+    broker: str,
     job: str,
     tmp_path: Path,
     data_dir: Path,

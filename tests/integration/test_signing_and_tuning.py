@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,29 +53,6 @@ from tests.prometheus import samples
 
 SPEC = tensor_spec_of(get_params(build_model("mlp", seed=0)))
 STARTUP_S = 90.0  # importing torch on a loaded CI machine
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("amqp", marks=pytest.mark.amqp),
-        pytest.param("mqtt", marks=pytest.mark.mqtt),
-    ]
-)
-async def broker(request: pytest.FixtureRequest, job: str) -> AsyncIterator[str]:
-    """The URL of the real broker of this parameter; what the test left there is removed."""
-    url = str(request.getfixturevalue(f"{request.param}_url"))
-    yield url
-    await (delete_job_queues(url, job) if request.param == "amqp" else _forget_job(url, job))
-
-
-async def _forget_job(url: str, job: str) -> None:
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 1883
-    async with aiomqtt.Client(host, port) as client:
-        await client.publish(mqtt_topics(job).model, b"", qos=1, retain=True)
-    for client_id in (f"fedmq-{job}-aggregator", f"fedmq-{job}-p-dev-01"):
-        async with aiomqtt.Client(host, port, identifier=client_id, clean_session=True):
-            pass
 
 
 def _free_port() -> int:

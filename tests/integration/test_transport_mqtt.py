@@ -33,6 +33,7 @@ from fedmq.errors import (
 from fedmq.transport import Delivery, TransportConfig, connect_aggregator, connect_participant
 from fedmq.transport.mqtt import MqttAggregator, MqttParticipant, mqtt_topics
 from tests.integration.aggregators import running
+from tests.integration.brokers import forget_mqtt_job
 from tests.updates import delta, update
 
 pytestmark = pytest.mark.mqtt
@@ -52,23 +53,10 @@ def _config(url: str, job: str, **overrides: Any) -> TransportConfig:
     return TransportConfig(url=url, job=job, **options)
 
 
-async def _forget_job(url: str, job: str) -> None:
-    """Clear the retained model and every persistent session the test left on the broker."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 1883
-    async with aiomqtt.Client(host, port) as client:
-        await client.publish(mqtt_topics(job).model, b"", qos=1, retain=True)
-    ids = [f"fedmq-{job}-aggregator", *(f"fedmq-{job}-p-{pid}" for pid in PARTICIPANTS)]
-    for client_id in ids:
-        # Connecting with clean_session=True discards the stored session of that id.
-        async with aiomqtt.Client(host, port, identifier=client_id, clean_session=True):
-            pass
-
-
 @pytest.fixture
 async def config(mqtt_url: str, job: str) -> AsyncIterator[TransportConfig]:
     yield _config(mqtt_url, job)
-    await _forget_job(mqtt_url, job)
+    await forget_mqtt_job(mqtt_url, job, PARTICIPANTS)
 
 
 async def _next(iterator: AsyncIterator[Any], within: float = 5.0) -> Any:
