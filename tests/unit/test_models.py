@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from fedmq.errors import ConfigError, DataError
-from fedmq.models import build_model, evaluate, get_params, set_params, train_local
+from torch.utils.data import TensorDataset
+
+from fedmq.models import Training, build_model, evaluate, get_params, set_params, train_local
 
 
 def toy_task(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,6 +20,13 @@ def toy_task(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.randint(0, 10, (n,), generator=g)
     x = templates[y] + 0.5 * torch.randn(n, 1, 28, 28, generator=g)  # [n, 1, 28, 28]
     return x, y
+
+
+def fit(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int, **settings: float
+) -> float:
+    """``train_local`` on ``(x, y)`` with ``Training(**settings)``."""
+    return train_local(model, TensorDataset(x, y), Training(**settings), seed)  # type: ignore[arg-type]
 
 
 def test_parameter_counts() -> None:
@@ -55,7 +64,7 @@ def test_cnn_s_computes_the_textbook_layers() -> None:
     assert torch.allclose(model(x), textbook(x), atol=1e-5)
     assert all(a.flags.c_contiguous for a in get_params(model).values())
     params = get_params(model)
-    train_local(model, x, y, epochs=1, batch_size=8, lr=0.1, seed=0)
+    fit(model, x, y, epochs=1, batch_size=8, lr=0.1, seed=0)
     assert torch.allclose(model(x), textbook(x), atol=1e-5)  # trained weights read back
     assert not np.array_equal(get_params(model)["conv1.weight"], params["conv1.weight"])
 
@@ -109,8 +118,8 @@ def test_training_lowers_the_loss() -> None:
     x, y = toy_task(128)
     model = build_model("cnn-s")
     _, loss_before = evaluate(model, x, y)
-    first = train_local(model, x, y, epochs=1, batch_size=16, lr=0.05, seed=0)
-    last = train_local(model, x, y, epochs=3, batch_size=16, lr=0.05, seed=1)
+    first = fit(model, x, y, epochs=1, batch_size=16, lr=0.05, seed=0)
+    last = fit(model, x, y, epochs=3, batch_size=16, lr=0.05, seed=1)
     accuracy, loss_after = evaluate(model, x, y)
     assert last < 0.5 * first  # about 2.4 -> 0.7
     assert loss_after < 0.5 * loss_before  # about 2.26 -> 0.56
@@ -122,7 +131,7 @@ def test_training_is_a_function_of_its_seed() -> None:
     runs = []
     for seed in (5, 5, 6):
         model = build_model("mlp")
-        loss = train_local(model, x, y, epochs=1, batch_size=16, lr=0.05, seed=seed)
+        loss = fit(model, x, y, epochs=1, batch_size=16, lr=0.05, seed=seed)
         runs.append((loss, get_params(model)["fc1.weight"]))
     assert runs[0][0] == runs[1][0] and np.array_equal(runs[0][1], runs[1][1])
     assert not np.array_equal(runs[0][1], runs[2][1])
@@ -133,7 +142,7 @@ def test_training_loss_is_measured_before_each_step() -> None:
     x, y = toy_task(64)
     model = build_model("mlp")
     _, initial = evaluate(model, x, y)
-    loss = train_local(model, x, y, epochs=1, batch_size=64, lr=0.05, seed=0)
+    loss = fit(model, x, y, epochs=1, batch_size=64, lr=0.05, seed=0)
     assert loss == pytest.approx(initial, rel=1e-5)
 
 
@@ -142,7 +151,7 @@ def test_one_step_is_plain_sgd() -> None:
     x, y = toy_task(16)
     model, reference = build_model("mlp"), build_model("mlp")
     F.cross_entropy(reference(x), y).backward()  # type: ignore[no-untyped-call]
-    train_local(model, x, y, epochs=1, batch_size=16, lr=0.25, seed=0)
+    fit(model, x, y, epochs=1, batch_size=16, lr=0.25, seed=0)
     for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
         assert q.grad is not None
         expected = (q - 0.25 * q.grad).detach()
@@ -165,13 +174,60 @@ def test_evaluate_on_a_tiny_set() -> None:
 def test_bad_arguments() -> None:
     model = build_model("mlp")
     x, y = toy_task(4)
-    with pytest.raises(ConfigError, match="epochs"):
-        train_local(model, x, y, epochs=0, batch_size=2, lr=0.1, seed=0)
-    with pytest.raises(ConfigError, match="batch_size"):
-        train_local(model, x, y, epochs=1, batch_size=0, lr=0.1, seed=0)
-    with pytest.raises(ConfigError, match="lr"):
-        train_local(model, x, y, epochs=1, batch_size=2, lr=0.0, seed=0)
+    for settings, field in [
+        ({"epochs": 0}, "epochs"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"lr": 0.0}, "lr"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"weight_decay": -1.0}, "weight_decay"),
+        ({"optimizer": "lbfgs"}, "optimizer"),
+    ]:
+        with pytest.raises(ConfigError, match=field):
+            Training(**settings)  # type: ignore[arg-type]
     with pytest.raises(DataError, match="empty"):
-        train_local(model, x[:0], y[:0], epochs=1, batch_size=2, lr=0.1, seed=0)
+        fit(model, x[:0], y[:0], epochs=1, batch_size=2, lr=0.1, seed=0)
     with pytest.raises(DataError, match="disagree"):
         evaluate(model, x, y[:3])
+
+
+def test_other_optimizers_and_losses_train() -> None:
+    # Adam with a regression loss on a learnable linear target: the loss falls.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 4, generator=g)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0])
+    model = torch.nn.Sequential(torch.nn.Linear(4, 1), torch.nn.Flatten(0))
+    training = Training(epochs=5, batch_size=32, lr=0.05, optimizer="adam", loss=F.mse_loss)
+    first = train_local(model, TensorDataset(x, y), training, 0)
+    last = train_local(model, TensorDataset(x, y), training, 1)
+    assert last < 0.2 * first
+    momentum = Training(epochs=2, batch_size=32, lr=0.01, momentum=0.9, loss=F.mse_loss)
+    assert train_local(model, TensorDataset(x, y), momentum, 2) < first
+
+
+def test_a_dataset_that_is_not_a_tensor_dataset_trains_through_a_dataloader() -> None:
+    x, y = toy_task(64)
+
+    class Pairs(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+        def __len__(self) -> int:
+            return len(y)
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return x[i], y[i]
+
+    model = build_model("mlp")
+    _, before = evaluate(model, x, y)
+    train_local(model, Pairs(), Training(epochs=3, batch_size=16, lr=0.05), 0)
+    _, after = evaluate(model, x, y)
+    assert after < 0.7 * before
+
+
+def test_integer_buffers_stay_on_the_device() -> None:
+    # BatchNorm's num_batches_tracked is a counter: never a federated weight.
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    params = get_params(model)
+    assert "1.num_batches_tracked" not in params
+    assert {"1.running_mean", "1.running_var", "1.weight"} <= set(params)
+    model(torch.randn(8, 3))  # one training-mode batch: the counter moves to 1
+    set_params(model, {k: np.zeros_like(v) for k, v in params.items()})
+    assert int(model.state_dict()["1.num_batches_tracked"]) == 1
+    assert float(model.state_dict()["1.running_var"].abs().sum()) == 0.0

@@ -1,4 +1,11 @@
-"""Model weights as plain numpy arrays: what the strategies and codecs work on."""
+"""Model weights as plain numpy arrays: what the strategies and codecs work on.
+
+The federated weights of a model are the floating-point entries of its
+``state_dict()``: parameters and float buffers such as BatchNorm's running mean and
+variance, all sent as float32. Integer buffers (BatchNorm's ``num_batches_tracked``, a
+counter) are not weights: averaging counters of different devices would give a
+fraction that means nothing, so they stay on each device, never sent nor overwritten.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +20,17 @@ __all__ = ["get_params", "non_finite", "set_params"]
 
 
 def get_params(model: nn.Module) -> dict[str, npt.NDArray[np.float32]]:
-    """float32 numpy copies of ``model.state_dict()``, in its order; they never alias the model."""
+    """float32 numpy copies of the floating-point entries of ``model.state_dict()``, in its
+    order; they never alias the model."""
     return {
         # order="C": the conv weights of a channels-last model have other strides.
         name: tensor.detach().cpu().numpy().astype(np.float32, order="C", copy=True)
-        for name, tensor in model.state_dict().items()
+        for name, tensor in _federated(model).items()
     }
+
+
+def _federated(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t for name, t in model.state_dict().items() if t.is_floating_point()}
 
 
 def non_finite(params: Mapping[str, npt.NDArray[np.floating]]) -> list[str]:
@@ -27,12 +39,12 @@ def non_finite(params: Mapping[str, npt.NDArray[np.floating]]) -> list[str]:
 
 
 def set_params(model: nn.Module, params: Mapping[str, npt.NDArray[np.floating]]) -> None:
-    """Copy ``params`` into ``model``; names and shapes must match its state_dict exactly.
+    """Copy ``params`` into ``model``; names and shapes must match ``get_params(model)``.
 
     Raises ``ValueError`` listing every missing, unexpected and mis-shaped entry;
     the model is left untouched in that case. ``params`` may be read-only.
     """
-    state = model.state_dict()
+    state = _federated(model)
     missing = [name for name in state if name not in params]
     unexpected = [name for name in params if name not in state]
     misshaped = [

@@ -8,7 +8,8 @@ only its own file.
 
 from fedmq.tasks import air_quality
 from fedmq.tasks._load import ENTRY_POINT_GROUP, TaskError, load_task
-from fedmq.tasks._task import DeviceData, Metric, Task
+from fedmq.models import Training
+from fedmq.tasks._task import DeviceData, Metric, Task, TrainFn
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -16,6 +17,8 @@ __all__ = [
     "Metric",
     "Task",
     "TaskError",
+    "TrainFn",
+    "Training",
     "air_quality",
     "load_task",
 ]
