@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from fedmq.errors import ConfigError, DataError
 from torch.utils.data import TensorDataset
 
+from fedmq.errors import ConfigError, DataError
 from fedmq.models import Training, build_model, evaluate, get_params, set_params, train_local
 
 

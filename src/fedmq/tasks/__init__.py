@@ -6,9 +6,9 @@ station from the previous 24 hours of its readings; one device per station, hold
 only its own file.
 """
 
+from fedmq.models import Training
 from fedmq.tasks import air_quality
 from fedmq.tasks._load import ENTRY_POINT_GROUP, TaskError, load_task
-from fedmq.models import Training
 from fedmq.tasks._task import DeviceData, Metric, Task, TrainFn
 
 __all__ = [

@@ -120,7 +120,8 @@ class Task:
         model = self.model()
         if not isinstance(model, nn.Module):
             raise ConfigError(
-                f"task {self.name!r}: model() returned a {type(model).__name__}, not a torch.nn.Module"
+                f"task {self.name!r}: model() returned a {type(model).__name__},"
+                " not a torch.nn.Module"
             )
         return model
 

@@ -23,7 +23,7 @@ from fedmq.errors import ConfigError, DataError
 from fedmq.models import CnnS, Mlp, ModelName, Training, evaluate
 from fedmq.tasks._task import DeviceData, Metric, Task
 
-__all__ = ["FmnistSettings", "TARGET", "make_task", "split"]
+__all__ = ["TARGET", "FmnistSettings", "make_task", "split"]
 
 TARGET = Metric("accuracy", higher_is_better=True)
 
