@@ -8,10 +8,9 @@ from fedmq.aggregator._evaluator import Evaluator
 from fedmq.aggregator._fedeval import DeviceMetric, FederatedEval, FedEvalConfig, MetricSummary
 from fedmq.aggregator._metrics import AggregatorCollector, MetricsConfig, MetricsServer
 from fedmq.aggregator._service import Aggregator
-from fedmq.aggregator._stats import AccuracyPoint, AggregatorStats
+from fedmq.aggregator._stats import AggregatorStats, EvalPoint
 
 __all__ = [
-    "AccuracyPoint",
     "Aggregator",
     "AggregatorCollector",
     "AggregatorConfig",
@@ -21,6 +20,7 @@ __all__ = [
     "DeviceMetric",
     "Downlink",
     "DownlinkConfig",
+    "EvalPoint",
     "Evaluator",
     "FedEvalConfig",
     "FederatedEval",

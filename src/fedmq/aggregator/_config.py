@@ -8,6 +8,7 @@ from pathlib import Path
 from fedmq.aggregator._bounds import BoundsConfig
 from fedmq.aggregator._control import ControlConfig
 from fedmq.aggregator._downlink import DownlinkConfig
+from fedmq.aggregator._fedeval import FedEvalConfig
 from fedmq.errors import ConfigError
 from fedmq.strategies import StrategyConfig
 from fedmq.wire import Signer, Verifier, WireLimits, check_participant_id
@@ -25,7 +26,9 @@ class AggregatorConfig:
     fast as encoding and the broker allow). Each publish costs O(model) CPU (encoding,
     the device view), which at hundreds of versions a second would starve the apply
     path, while devices that train for seconds gain nothing from a model 0.2 s newer.
-    ``eval_every``: evaluate on the held-out set every M versions (0 = never).
+    ``eval_every``: evaluate on the aggregator's own held-out set (when it has one)
+    every M versions (0 = never). ``fed_eval``: how the devices' evaluation reports are
+    combined (aggregator/_fedeval.py).
     ``checkpoint_dir``: where the durable state lives; with it, updates are acked
     to the broker only once a checkpoint covers them (after ``checkpoint_every``
     settled updates or ``checkpoint_interval_s`` seconds, whichever comes first).
@@ -39,13 +42,12 @@ class AggregatorConfig:
     by default none (aggregator/_control.py).
     """
 
-    model: str = "cnn-s"
     seed: int = 0
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     publish_every: int = 1
     publish_interval_s: float = 0.2
     eval_every: int = 5
-    eval_examples: int = 10_000
+    fed_eval: FedEvalConfig = field(default_factory=FedEvalConfig)
     limits: WireLimits = field(default_factory=WireLimits)
     checkpoint_dir: Path | None = None
     checkpoint_every: int = 16
@@ -59,16 +61,12 @@ class AggregatorConfig:
     control: ControlConfig = field(default_factory=ControlConfig)
 
     def __post_init__(self) -> None:
-        if self.model not in ("cnn-s", "mlp"):
-            raise ConfigError(f"model: {self.model!r} is not one of cnn-s, mlp")
         if self.publish_every < 1:
             raise ConfigError(f"publish_every: {self.publish_every} must be >= 1")
         if not self.publish_interval_s >= 0:
             raise ConfigError(f"publish_interval: {self.publish_interval_s} must be >= 0")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every: {self.eval_every} must be >= 0 (0 disables)")
-        if self.eval_examples < 1:
-            raise ConfigError(f"eval_examples: {self.eval_examples} must be >= 1")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every: {self.checkpoint_every} must be >= 1")
         if not self.checkpoint_interval_s > 0:

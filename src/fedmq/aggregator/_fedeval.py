@@ -48,13 +48,17 @@ _MAX_FLOAT = sys.float_info.max
 class FedEvalConfig:
     """``max_devices``: devices whose latest report is kept (the oldest goes first).
     ``window``: reports on versions down to the newest minus this many count (0: the
-    newest only). ``max_num_examples``: the largest weight a report may claim (as
-    updates, ``BoundsConfig.max_num_examples``).
+    newest only; devices score every ``eval_every``-th version they hold, 10 by
+    default, and do not all hold the same ones, so the default spans two such steps).
+    ``max_num_examples``: the largest weight a report may claim (as updates,
+    ``BoundsConfig.max_num_examples``). ``min_devices``: a fleet value is recorded as an
+    evaluation (stop rules, reports) only once this many devices are in its window.
     """
 
     max_devices: int = 10_000
-    window: int = 0
+    window: int = 20
     max_num_examples: int = 1_000_000
+    min_devices: int = 1
 
     def __post_init__(self) -> None:
         if self.max_devices < 1:
@@ -63,6 +67,8 @@ class FedEvalConfig:
             raise ConfigError(f"window: {self.window} must be >= 0 (versions)")
         if self.max_num_examples < 1:
             raise ConfigError(f"max_num_examples: {self.max_num_examples} must be >= 1")
+        if self.min_devices < 1:
+            raise ConfigError(f"min_devices: {self.min_devices} must be >= 1")
 
 
 @dataclass(frozen=True, kw_only=True)

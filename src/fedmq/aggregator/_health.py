@@ -2,13 +2,15 @@
 
 Training that diverges (a server step far too large, a poisoned update that got through)
 does not stop anything: updates keep being applied and versions keep being published
-while the test accuracy sits at chance. ``CollapseWatch`` compares each evaluation with
-the best one so far and declares the model collapsing when
+while the model's quality sits at chance. ``CollapseWatch`` compares each evaluation of
+the task's target metric with the best one so far and declares the model collapsing when
 
-- the loss is not finite (NaN or infinite): at once;
-- or, for ``patience`` evaluations in a row, the accuracy is below
-  ``(1 - accuracy_drop)`` times the best accuracy so far, or the loss is above
-  ``loss_factor`` times the lowest loss so far.
+- the target (or a ``loss`` metric) is not finite (NaN or infinite): at once;
+- or, for ``patience`` evaluations in a row, the target is worse than the best so far by
+  the configured margin: below ``(1 - drop)`` times the best for a metric that should
+  rise (accuracy), above ``rise_factor`` times the best for one that should fall (RMSE,
+  loss); or a ``loss`` metric, when the task reports one besides its target, is above
+  ``rise_factor`` times the lowest loss so far.
 
 One evaluation that is fine again ends the streak (``recovered`` if it had been
 declared). The watch is pure (numbers in, verdicts out); ``watch_evaluation`` logs the
@@ -21,11 +23,13 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 from fedmq._log import log_event
 from fedmq.errors import ConfigError
+from fedmq.tasks import Metric
 
 __all__ = ["CollapseWatch", "HealthConfig", "Verdict", "watch_evaluation"]
 
@@ -42,70 +46,80 @@ class HealthConfig:
     """
 
     patience: int = 5
-    accuracy_drop: float = 0.3  # bad below 70 % of the best accuracy
-    loss_factor: float = 3.0  # bad above 3 times the lowest loss
+    drop: float = 0.3  # a rising target is bad below 70 % of its best
+    rise_factor: float = 3.0  # a falling target (or the loss) is bad above 3 times its best
 
     def __post_init__(self) -> None:
         if not self.patience >= 1:
             raise ConfigError(f"patience: {self.patience} must be >= 1")
-        if not 0 < self.accuracy_drop < 1:
-            raise ConfigError(f"accuracy_drop: {self.accuracy_drop} must be in (0, 1)")
-        if not self.loss_factor > 1:
-            raise ConfigError(f"loss_factor: {self.loss_factor} must be > 1")
+        if not 0 < self.drop < 1:
+            raise ConfigError(f"drop: {self.drop} must be in (0, 1)")
+        if not self.rise_factor > 1:
+            raise ConfigError(f"rise_factor: {self.rise_factor} must be > 1")
 
 
 class CollapseWatch:
     """Feed it every evaluation, in order; it says when the model collapses or recovers."""
 
-    def __init__(self, config: HealthConfig | None = None) -> None:
+    def __init__(self, target: Metric | None = None, config: HealthConfig | None = None) -> None:
+        self.target = target or Metric("accuracy", higher_is_better=True)
         self.config = config or HealthConfig()
-        self.best_accuracy: float | None = None
-        self.best_accuracy_version: int | None = None
+        self.best: float | None = None  # of the target
+        self.best_version: int | None = None
         self.best_loss: float | None = None
         self.bad_streak = 0  # consecutive bad evaluations, the last one included
         self.reason: str | None = None  # why the last evaluation was bad
         self.collapsing = False
         self.collapses = 0  # times the model was declared collapsing
 
-    def observe(self, version: int, accuracy: float, loss: float) -> Verdict | None:
+    def observe(self, version: int, metrics: Mapping[str, float]) -> Verdict | None:
         """Take one evaluation; "collapsing" when the model is declared collapsing (once
-        per collapse), "recovered" when a collapse ends, None otherwise."""
-        self.reason = self._why_bad(accuracy, loss)
+        per collapse), "recovered" when a collapse ends, None otherwise. An evaluation
+        without the target metric is ignored."""
+        value = metrics.get(self.target.name)
+        if value is None:
+            return None
+        loss = metrics.get("loss") if self.target.name != "loss" else None
+        self.reason = self._why_bad(value, loss)
         if self.reason is None:
-            self._remember_best(version, accuracy, loss)
+            self._remember_best(version, value, loss)
             self.bad_streak = 0
             if self.collapsing:
                 self.collapsing = False
                 return "recovered"
             return None
         self.bad_streak += 1
-        due = self.reason == "non_finite_loss" or self.bad_streak >= self.config.patience
+        due = self.reason == "non_finite" or self.bad_streak >= self.config.patience
         if due and not self.collapsing:
             self.collapsing = True
             self.collapses += 1
             return "collapsing"
         return None
 
-    def _why_bad(self, accuracy: float, loss: float) -> str | None:
-        if not (math.isfinite(loss) and math.isfinite(accuracy)):
-            return "non_finite_loss"
-        best_accuracy, best_loss = self.best_accuracy, self.best_loss
-        if best_accuracy is not None and accuracy < (1 - self.config.accuracy_drop) * best_accuracy:
-            return "accuracy_drop"
-        if best_loss is not None and loss > self.config.loss_factor * best_loss:
+    def _why_bad(self, value: float, loss: float | None) -> str | None:
+        if not math.isfinite(value) or (loss is not None and not math.isfinite(loss)):
+            return "non_finite"
+        best, factor = self.best, self.config.rise_factor
+        if best is not None:
+            if self.target.higher_is_better and value < (1 - self.config.drop) * best:
+                return f"{self.target.name}_drop"
+            if not self.target.higher_is_better and value > factor * best:
+                return f"{self.target.name}_rise"
+        if loss is not None and self.best_loss is not None and loss > factor * self.best_loss:
             return "loss_rise"
         return None
 
-    def _remember_best(self, version: int, accuracy: float, loss: float) -> None:
-        if self.best_accuracy is None or accuracy > self.best_accuracy:
-            self.best_accuracy, self.best_accuracy_version = accuracy, version
-        if self.best_loss is None or loss < self.best_loss:
+    def _remember_best(self, version: int, value: float, loss: float | None) -> None:
+        if self.best is None or self.target.better(value, self.best):
+            self.best, self.best_version = value, version
+        if loss is not None and (self.best_loss is None or loss < self.best_loss):
             self.best_loss = loss
 
 
-def watch_evaluation(watch: CollapseWatch, version: int, accuracy: float, loss: float) -> None:
+def watch_evaluation(watch: CollapseWatch, version: int, metrics: Mapping[str, float]) -> None:
     """``watch.observe`` one evaluation and log what it says."""
-    verdict = watch.observe(version, accuracy, loss)
+    verdict = watch.observe(version, metrics)
+    rounded = {name: round(value, 6) for name, value in metrics.items()}
     if verdict == "collapsing":
         log_event(
             _log,
@@ -113,10 +127,9 @@ def watch_evaluation(watch: CollapseWatch, version: int, accuracy: float, loss: 
             logging.ERROR,
             reason=watch.reason,
             version=version,
-            accuracy=round(accuracy, 4),
-            loss=loss,
-            best_accuracy=watch.best_accuracy,
-            best_version=watch.best_accuracy_version,
+            metrics=rounded,
+            best=watch.best,
+            best_version=watch.best_version,
             best_loss=watch.best_loss,
             bad_evaluations=watch.bad_streak,
             hint="the server step is too large or an update poisoned the model: "
@@ -128,7 +141,6 @@ def watch_evaluation(watch: CollapseWatch, version: int, accuracy: float, loss: 
             "model_recovered",
             logging.WARNING,
             version=version,
-            accuracy=round(accuracy, 4),
-            loss=loss,
-            best_accuracy=watch.best_accuracy,
+            metrics=rounded,
+            best=watch.best,
         )

@@ -89,15 +89,44 @@ class AggregatorCollector(Collector):
         yield GaugeMetricFamily(
             "fedmq_model_version", "Version of the global model", value=stats.version
         )
+        # The task's metrics, by name and source (central: the aggregator's held-out set;
+        # federated: the example-weighted mean of the devices' reports).
+        evaluated = GaugeMetricFamily(
+            "fedmq_eval_metric",
+            "The task's metrics of the latest evaluated model, by source",
+            labels=["name", "source"],
+        )
+        for source in ("central", "federated"):
+            point = stats.latest(source)
+            for name, value in sorted((point.metrics if point else {}).items()):
+                evaluated.add_metric([name, source], value)
+        yield evaluated
+        # Fashion-MNIST's dashboard (docker/grafana) reads these two: kept for any task
+        # whose evaluation gives "accuracy" and "loss".
+        central = stats.latest("central") or stats.latest("federated")
         accuracy = GaugeMetricFamily(
             "fedmq_test_accuracy", "Accuracy of the latest evaluated model on the test set (0..1)"
         )
         loss = GaugeMetricFamily("fedmq_test_loss", "Loss of the latest evaluated model")
-        if stats.accuracy:
-            accuracy.add_metric([], stats.accuracy[-1].accuracy)
-            loss.add_metric([], stats.accuracy[-1].loss)
+        if central is not None and "accuracy" in central.metrics:
+            accuracy.add_metric([], central.metrics["accuracy"])
+        if central is not None and "loss" in central.metrics:
+            loss.add_metric([], central.metrics["loss"])
         yield accuracy
         yield loss
+        fed = aggregator.fed_eval
+        yield GaugeMetricFamily(
+            "fedmq_eval_devices", "Devices whose evaluation report is held", value=fed.devices
+        )
+        yield CounterMetricFamily(
+            "fedmq_eval_reports", "Device evaluation reports taken", value=stats.eval_reports
+        )
+        eval_rejected = CounterMetricFamily(
+            "fedmq_eval_rejected", "Device evaluation reports refused, by reason", labels=["reason"]
+        )
+        for reason, count in sorted(stats.eval_rejected.items()):
+            eval_rejected.add_metric([reason], count)
+        yield eval_rejected
         yield CounterMetricFamily(
             "fedmq_model_collapses",
             "Times the global model was declared collapsing (model_collapsing log event)",

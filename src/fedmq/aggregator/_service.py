@@ -42,8 +42,10 @@ from fedmq.aggregator._checkpoint import (
 )
 from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._downlink import Downlink
-from fedmq.aggregator._health import watch_evaluation
-from fedmq.aggregator._stats import AccuracyPoint, AggregatorStats
+from fedmq.aggregator._evals import serve_evals
+from fedmq.aggregator._fedeval import FederatedEval
+from fedmq.aggregator._health import CollapseWatch, watch_evaluation
+from fedmq.aggregator._stats import AggregatorStats, EvalPoint
 from fedmq.aggregator._tuning import retuned, serve_controls
 from fedmq.aggregator._versions import VersionStore
 from fedmq.codecs import CodecConfig, SparseTensor, encode_params
@@ -58,6 +60,7 @@ from fedmq.strategies import (
     strategy_from_dict,
     strategy_to_dict,
 )
+from fedmq.tasks import Metric
 from fedmq.transport import AggregatorTransport, Delivery
 from fedmq.wire import (
     ModelEnvelope,
@@ -73,14 +76,17 @@ __all__ = ["Aggregator"]
 _log = logging.getLogger("fedmq.aggregator")
 
 Params = dict[str, np.ndarray]
-Evaluate = Callable[[Mapping[str, np.ndarray]], tuple[float, float]]
+Evaluate = Callable[[Mapping[str, np.ndarray]], Mapping[str, float]]
 
 
 class Aggregator:
     """Applies updates from ``transport`` to a global model and republishes it.
 
-    ``evaluate`` (optional) scores a parameter set on a held-out set; it is
-    called in a worker thread every ``config.eval_every`` versions.
+    ``evaluate`` (optional) scores a parameter set on the aggregator's own held-out set
+    (the task's named metrics); it is called in a worker thread every
+    ``config.eval_every`` versions. ``target``: the task's target metric, which the
+    collapse watch and stop rules read. The devices' own evaluation reports are taken
+    whether or not there is a central set (aggregator/_evals.py).
     """
 
     def __init__(
@@ -90,10 +96,15 @@ class Aggregator:
         initial: Mapping[str, np.ndarray],
         *,
         evaluate: Evaluate | None = None,
+        target: Metric | None = None,
         stats: AggregatorStats | None = None,
     ) -> None:
         self.config = config
         self.stats = stats or AggregatorStats()
+        if target is not None:
+            self.stats.target = target
+            self.stats.health = CollapseWatch(target)
+        self.fed_eval = FederatedEval(config.fed_eval)
         self._transport = transport
         self._strategy = make_strategy(config.strategy)
         self._state = self._strategy.init_state()
@@ -206,6 +217,11 @@ class Aggregator:
         """How models go out (keyframe and delta counts)."""
         return self._downlink
 
+    @property
+    def evaluates_centrally(self) -> bool:
+        """Whether the aggregator scores models on a held-out set of its own."""
+        return self._evaluate is not None and self.config.eval_every > 0
+
     async def run(self, tg: asyncio.TaskGroup) -> None:
         """Publish the current model, then apply updates until cancelled.
 
@@ -221,6 +237,7 @@ class Aggregator:
         if self.config.checkpoint_dir is not None:
             timer = tg.create_task(self._commit_periodically(), name="checkpoint")
         control = tg.create_task(serve_controls(self, self._transport.controls()), name="control")
+        evals = tg.create_task(serve_evals(self, self._transport.evals()), name="evals")
         # Deliveries the broker sent (at most its prefetch window), not yet handled;
         # None once the transport has no more (it closed).
         inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
@@ -249,6 +266,7 @@ class Aggregator:
             self._stopping = True
             receiver.cancel()
             control.cancel()
+            evals.cancel()
             if timer is not None:
                 timer.cancel()
             async with asyncio.timeout(self.config.shutdown_timeout_s):
@@ -586,19 +604,24 @@ class Aggregator:
             version, params, applied = self._version, self._params, self.stats.applied
             bytes_in, bytes_out = self.stats.bytes_in, self.stats.bytes_out
             self._eval_wanted = None
-            accuracy, loss = await asyncio.to_thread(self._evaluate, params)
-            point = AccuracyPoint(
+            metrics = await asyncio.to_thread(self._evaluate, params)
+            point = EvalPoint(
                 elapsed_s=self.stats.elapsed_s,
                 version=version,
                 applied=applied,
-                accuracy=accuracy,
-                loss=loss,
+                metrics=dict(metrics),
                 bytes_in=bytes_in,
                 bytes_out=bytes_out,
             )
-            self.stats.accuracy.append(point)
-            log_event(_log, "evaluated", version=version, accuracy=round(accuracy, 4))
-            watch_evaluation(self.stats.health, version, accuracy, loss)
+            self.stats.evaluations.append(point)
+            log_event(
+                _log,
+                "evaluated",
+                source="central",
+                version=version,
+                metrics={name: round(value, 4) for name, value in metrics.items()},
+            )
+            watch_evaluation(self.stats.health, version, metrics)
 
 
 _Decoded = tuple[UpdateEnvelope, Delta, float] | Rejection

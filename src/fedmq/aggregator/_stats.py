@@ -4,27 +4,37 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fedmq.aggregator._health import CollapseWatch
 from fedmq.aggregator._histogram import Histogram
+from fedmq.tasks import Metric
 
-__all__ = ["AccuracyPoint", "AggregatorStats"]
+__all__ = ["AggregatorStats", "EvalPoint", "EvalSource"]
+
+EvalSource = Literal["central", "federated"]
 
 
 @dataclass(frozen=True, kw_only=True)
-class AccuracyPoint:
-    """One evaluation of the global model on the held-out set.
+class EvalPoint:
+    """One evaluation of the global model: the task's named ``metrics``.
 
+    ``source``: ``"central"``, the aggregator's own held-out set, of ``version``; or
+    ``"federated"``, the example-weighted mean of the devices' reports on versions
+    ``version - window`` to ``version`` (``devices`` of them, ``examples`` in all).
     ``bytes_in`` / ``bytes_out``: update bytes received and model bytes published
-    when the evaluated version was taken.
+    when the evaluation was taken.
     """
 
     elapsed_s: float
     version: int
     applied: int
-    accuracy: float
-    loss: float
+    metrics: Mapping[str, float]
+    source: EvalSource = "central"
+    devices: int = 0
+    examples: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
 
@@ -44,7 +54,10 @@ class AggregatorStats:
     models_published: int = 0
     buffered: int = 0
     participants: set[str] = field(default_factory=set)
-    accuracy: list[AccuracyPoint] = field(default_factory=list)
+    target: Metric = field(default_factory=lambda: Metric("accuracy", higher_is_better=True))
+    evaluations: list[EvalPoint] = field(default_factory=list)  # central and federated
+    eval_reports: int = 0  # devices' evaluation reports taken
+    eval_rejected: Counter[str] = field(default_factory=Counter)  # by Reason value
     # For the metrics endpoint (aggregator/_metrics.py), read at scrape time:
     apply_seconds: Histogram = field(default_factory=Histogram)  # of applied updates
     last_seen: dict[str, float] = field(default_factory=dict)  # participant -> monotonic
@@ -61,9 +74,25 @@ class AggregatorStats:
         """Updates refused for any reason."""
         return sum(self.rejected.values())
 
+    def latest(self, source: EvalSource | None = None) -> EvalPoint | None:
+        """The newest evaluation (of ``source``, when given)."""
+        for point in reversed(self.evaluations):
+            if source is None or point.source == source:
+                return point
+        return None
+
     @property
-    def latest_accuracy(self) -> float | None:
-        return self.accuracy[-1].accuracy if self.accuracy else None
+    def scored(self) -> list[EvalPoint]:
+        """The evaluations that stop rules and reports read: the central ones when the
+        aggregator has a held-out set, else the devices' (federated)."""
+        central = [p for p in self.evaluations if p.source == "central"]
+        return central or [p for p in self.evaluations if p.source == "federated"]
+
+    @property
+    def latest_target(self) -> float | None:
+        """The target metric of the newest scored evaluation (None before the first)."""
+        scored = self.scored
+        return scored[-1].metrics.get(self.target.name) if scored else None
 
     @property
     def mean_staleness(self) -> float:

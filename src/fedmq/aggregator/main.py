@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
+
+from torch.utils.data import Dataset
 
 from fedmq._log import log_event
 from fedmq.aggregator._config import AggregatorConfig
@@ -12,8 +15,8 @@ from fedmq.aggregator._evaluator import Evaluator
 from fedmq.aggregator._metrics import MetricsConfig, MetricsServer, registry_for
 from fedmq.aggregator._service import Aggregator
 from fedmq.aggregator._stats import AggregatorStats
-from fedmq.data import load_fashion_mnist, resolve_data_dir, to_tensors
-from fedmq.models import build_model, get_params
+from fedmq.models import get_params
+from fedmq.tasks import Task
 from fedmq.transport import TransportConfig, connect_aggregator
 
 __all__ = ["run_aggregator"]
@@ -21,13 +24,14 @@ __all__ = ["run_aggregator"]
 _log = logging.getLogger("fedmq.aggregator")
 
 
-def make_evaluator(config: AggregatorConfig, data_dir: str | None) -> Evaluator | None:
-    """The held-out evaluator (first ``eval_examples`` test images), or None if disabled."""
-    if not config.eval_every:
+def make_evaluator(
+    config: AggregatorConfig, task: Task, central: Dataset[Any] | None
+) -> Evaluator | None:
+    """The central evaluator on ``central`` (the aggregator's own held-out set), or None
+    without one or when central evaluation is off (``eval_every`` 0)."""
+    if central is None or not config.eval_every:
         return None
-    _, test = load_fashion_mnist(resolve_data_dir(data_dir))
-    x, y = to_tensors(test)
-    return Evaluator(config.model, x[: config.eval_examples], y[: config.eval_examples])
+    return Evaluator(task, central)
 
 
 def _metrics_server(
@@ -42,22 +46,27 @@ def _metrics_server(
 async def run_aggregator(
     config: AggregatorConfig,
     transport_config: TransportConfig,
-    data_dir: str | None,
+    task: Task,
+    central: Dataset[Any] | None = None,
     *,
     metrics: MetricsConfig | None = None,
 ) -> int:
-    """Serve until cancelled (SIGTERM / Ctrl-C); Prometheus metrics on ``metrics.port``."""
-    evaluator = make_evaluator(config, data_dir)
-    initial = get_params(build_model(config.model, seed=config.seed))  # type: ignore[arg-type]
+    """Serve ``task`` until cancelled (SIGTERM / Ctrl-C); evaluate on ``central`` when
+    given, else only by the devices' reports; Prometheus metrics on ``metrics.port``."""
+    evaluator = make_evaluator(config, task, central)
+    initial = get_params(task.build_model(config.seed))
     log_event(
         _log,
         "starting",
         broker=transport_config.redacted_url,
         job=transport_config.job,
+        task=task.name,
+        target=task.target.name,
+        central_examples=len(central) if central is not None else 0,  # type: ignore[arg-type]
         strategy=config.strategy.name,
     )
     async with connect_aggregator(transport_config) as transport:
-        aggregator = Aggregator(config, transport, initial, evaluate=evaluator)
+        aggregator = Aggregator(config, transport, initial, evaluate=evaluator, target=task.target)
         async with _metrics_server(aggregator, metrics), asyncio.TaskGroup() as tg:
             if metrics is not None and metrics.port:
                 log_event(_log, "metrics", url=f"http://{metrics.host}:{metrics.port}/metrics")
@@ -75,6 +84,7 @@ async def _status(stats: AggregatorStats, every_s: float = 10.0) -> None:
             version=stats.version,
             applied=stats.applied,
             rejected=dict(stats.rejected),
-            accuracy=stats.latest_accuracy,
+            target=stats.target.name,
+            value=stats.latest_target,
             mean_staleness=round(stats.mean_staleness, 2),
         )

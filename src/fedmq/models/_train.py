@@ -93,7 +93,10 @@ def _batches(data: Dataset[Any], n: int, batch_size: int, generator: torch.Gener
     if isinstance(data, TensorDataset) and len(data.tensors) == 2:
         x, y = data.tensors
         order = torch.randperm(n, generator=generator)
-        return ((x[b], y[b]) for b in order.split(batch_size))
+        return (
+            (x[order[i : i + batch_size]], y[order[i : i + batch_size]])
+            for i in range(0, n, batch_size)
+        )
     return DataLoader(data, batch_size=batch_size, shuffle=True, generator=generator)
 
 
@@ -117,7 +120,7 @@ def _stepper(model: nn.Module, training: Training) -> Callable[[], None]:
         optimizer = torch.optim.SGD(
             params, lr=training.lr, momentum=training.momentum, weight_decay=training.weight_decay
         )
-    return optimizer.step  # type: ignore[return-value]  # step() -> None without a closure
+    return optimizer.step
 
 
 @torch.no_grad()

@@ -22,6 +22,9 @@ class ParticipantConfig:
     FedAvg rounds); otherwise train continuously on the newest model held.
     ``publish_delay_s``: wait this long after training before the update is
     handed to the outbox (simulates a slow chip or radio in benchmarks).
+    ``eval_every``: score every N-th model version on the device's held-out data and send
+    the metrics (``fedmq.eval/1``); 0 = never. Training settings (epochs, batch size,
+    learning rate...) are the task's (``Task.training``).
     ``update_signer``: if set, every update is signed with this device's key (one it
     owns: ``<id>`` or ``<id>.<label>``); ``model_verifier``: if set, only models signed
     by one of its keys (the aggregator's) are trained on.
@@ -29,15 +32,12 @@ class ParticipantConfig:
 
     participant_id: str
     state_dir: Path
-    model: str = "cnn-s"
-    epochs: int = 1
-    batch_size: int = 32
-    lr: float = 0.05
     seed: int = 0
     codec: CodecConfig = field(default_factory=CodecConfig)
     error_feedback: bool = True
     once_per_version: bool = False
     publish_delay_s: float = 0.0
+    eval_every: int = 10
     limits: WireLimits = field(default_factory=WireLimits)
     update_signer: Signer | None = None
     model_verifier: Verifier | None = None
@@ -47,13 +47,7 @@ class ParticipantConfig:
         signer = self.update_signer
         if signer is not None and key_owner(signer.key_id) != pid:
             raise ConfigError(f"signing_key: key {signer.key_id!r} does not belong to {pid!r}")
-        if self.model not in ("cnn-s", "mlp"):
-            raise ConfigError(f"model: {self.model!r} is not one of cnn-s, mlp")
-        if self.epochs < 1:
-            raise ConfigError(f"epochs: {self.epochs} must be >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size: {self.batch_size} must be >= 1")
-        if not self.lr > 0:
-            raise ConfigError(f"lr: {self.lr} must be > 0")
+        if self.eval_every < 0:
+            raise ConfigError(f"eval_every: {self.eval_every} must be >= 0 (0: never)")
         if self.publish_delay_s < 0:
             raise ConfigError(f"publish_delay: {self.publish_delay_s} must be >= 0")

@@ -27,18 +27,18 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from fedmq._fs import atomic_write
 from fedmq._log import log_event
-from fedmq.codecs import ErrorFeedback, encode_params
-from fedmq.errors import PayloadTooLarge, WireError
-from fedmq.models import build_model, get_params, non_finite, set_params, train_local
+from fedmq.errors import PayloadTooLarge, TransportError, WireError
+from fedmq.models import get_params, set_params
 from fedmq.participant._config import ParticipantConfig
 from fedmq.participant._modelsync import ModelView
 from fedmq.participant._outbox import Outbox
+from fedmq.participant._trainer import Trainer
+from fedmq.tasks import DeviceData, Task
 from fedmq.transport import ParticipantTransport
-from fedmq.wire import UpdateEnvelope, encode_update, open_signed, seal, tensor_spec_of
+from fedmq.wire import EvalEnvelope, encode_eval, open_signed, seal, tensor_spec_of
 
 __all__ = ["Participant", "ParticipantStats"]
 
@@ -62,10 +62,15 @@ class ParticipantStats:
     # Trainings that produced no update, by reason: "non_finite" (NaN/Inf loss or delta),
     # "error" (an exception, logged with its traceback).
     skipped: dict[str, int] = field(default_factory=dict)
+    evaluated: int = 0  # evaluation reports sent
+    eval_failed: int = 0  # the task's evaluate raised (logged with its traceback)
+    last_metrics: dict[str, float] = field(default_factory=dict)  # of the last one
 
 
 class Participant:
-    """One device: trains on ``x``/``y`` (its own data, never sent anywhere).
+    """One device: trains ``task``'s model on ``data.train`` (its own data, never sent
+    anywhere) and, every ``config.eval_every`` versions, scores the global model on
+    ``data.held_out`` and sends the metrics (``fedmq.eval/1``).
 
     ``train_slots`` (optional) caps how many participants of one process train
     at once, so a simulated fleet measures the protocol, not CPU contention.
@@ -80,8 +85,8 @@ class Participant:
         self,
         config: ParticipantConfig,
         transport: ParticipantTransport,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        task: Task,
+        data: DeviceData,
         *,
         train_slots: asyncio.Semaphore | None = None,
         rounds: bool = False,
@@ -89,14 +94,23 @@ class Participant:
         self.config = config
         self.stats = ParticipantStats()
         self._transport = transport
-        self._x = x  # [n, 1, 28, 28]
-        self._y = y  # [n]
+        self._task = task
+        self._held_out = data.held_out
         self._slots = train_slots
-        self._model = build_model(config.model)  # type: ignore[arg-type]
-        self._spec = tensor_spec_of(get_params(self._model))
+        self._trainer = Trainer(
+            participant_id=config.participant_id,
+            task=task,
+            data=data.train,
+            seed=config.seed,
+            codec=config.codec,
+            error_feedback=config.error_feedback,
+            signer=config.update_signer,
+        )
+        self._spec = tensor_spec_of(get_params(self._trainer.model))
         self._outbox = Outbox(config.state_dir / "outbox")
-        self._feedback = ErrorFeedback(config.codec) if config.error_feedback else None
         self._load_feedback()
+        self._eval_model = task.build_model(config.seed) if self._evaluates else None
+        self._eval_arrived = asyncio.Event()
         self._view = ModelView(self._spec, config.limits)
         self._rounds = rounds
         self._round: int | None = None  # the model version the next round trains on
@@ -125,12 +139,22 @@ class Participant:
     def online(self) -> bool:
         return bool(self._io_tasks)
 
+    @property
+    def num_examples(self) -> int:
+        """The device's training examples."""
+        return self._trainer.num_examples
+
+    @property
+    def _evaluates(self) -> bool:
+        return self.config.eval_every > 0 and len(self._held_out) > 0  # type: ignore[arg-type]
+
     def start(self, tg: asyncio.TaskGroup) -> None:
         """Start the device's three tasks in the process's TaskGroup."""
         self._tg = tg
-        self._tasks = [
-            tg.create_task(self._train_forever(), name=f"{self.config.participant_id}:train")
-        ]
+        pid = self.config.participant_id
+        self._tasks = [tg.create_task(self._train_forever(), name=f"{pid}:train")]
+        if self._evaluates:
+            self._tasks.append(tg.create_task(self._evaluate_forever(), name=f"{pid}:evaluate"))
         self._start_io()
 
     def _start_io(self) -> None:
@@ -198,6 +222,7 @@ class Participant:
                 self.stats.models_received += 1
                 self.stats.model_version = version
                 self._model_arrived.set()
+                self._eval_arrived.set()
 
     async def _train_forever(self) -> None:
         trained_version: int | None = None
@@ -248,57 +273,79 @@ class Participant:
             return None
 
     def _train_once(self, version: int, base: Params) -> tuple[int, bytes] | None:
-        """Train from ``base``; return (seq, encoded update), or None (logged, counted) if
-        the loss or the delta is not finite. Runs in a worker thread."""
+        """Train from ``base``; (seq, sealed update), or None (logged, counted) if the
+        training diverged. Runs in a worker thread."""
         seq = self._outbox.next_seq
-        set_params(self._model, base)
-        loss = train_local(
-            self._model,
-            self._x,
-            self._y,
-            epochs=self.config.epochs,
-            batch_size=self.config.batch_size,
-            lr=self.config.lr,
-            seed=self.config.seed * 1_000_003 + seq,
-        )
-        local = get_params(self._model)
-        delta = {name: local[name] - base[name] for name in base}
-        bad = non_finite(delta)
-        if bad or not np.isfinite(loss):
-            # Checked here, before the codec or the error-feedback residual sees it: a
-            # diverged training is the device's news, not an encoder error.
+        body = self._trainer.step(version, base, seq, created=time.time())
+        if body is None:
             self._count_skip("non_finite")
-            log_event(
-                _log,
-                "update_skipped",
-                logging.WARNING,
-                participant=self.config.participant_id,
-                reason="non_finite",
-                base_version=version,
-                loss=loss,
-                tensors=bad[:5],
-            )
             return None
-        rng = np.random.default_rng([self.config.seed, seq])
-        if self._feedback is not None:
-            tensors = self._feedback.encode(delta, rng)
-        else:
-            tensors = encode_params(delta, self.config.codec, rng)
-        envelope = UpdateEnvelope(
-            participant=self.config.participant_id,
-            seq=seq,
-            base_version=version,
-            num_examples=len(self._y),
-            loss=loss,
-            created=time.time(),
-            tensors=tuple(tensors),
-        )
         self.stats.trained += 1
-        self.stats.last_loss = loss
-        return seq, seal(encode_update(envelope), self.config.update_signer)
+        self.stats.last_loss = self._trainer.last_loss
+        return seq, body
 
     def _count_skip(self, reason: str) -> None:
         self.stats.skipped[reason] = self.stats.skipped.get(reason, 0) + 1
+
+    async def _evaluate_forever(self) -> None:
+        """Score every ``eval_every``-th version held on the device's held-out data and send
+        the metrics; a version is scored when it is the first held at or past a multiple of
+        ``eval_every`` (devices do not receive every version, so scores are grouped by the
+        aggregator over a window of versions)."""
+        every = self.config.eval_every
+        done: int | None = None  # the last version scored
+        while True:
+            while self._latest is None or (
+                done is not None and self._latest[0] // every <= done // every
+            ):
+                self._eval_arrived.clear()
+                await self._eval_arrived.wait()
+            version, params = self._latest
+            done = version
+            try:
+                metrics = await asyncio.to_thread(self._score, params)
+            except Exception as error:  # the task's evaluate: loud, counted, then go on
+                self.stats.eval_failed += 1
+                log_event(
+                    _log,
+                    "evaluation_failed",
+                    logging.ERROR,
+                    exc_info=True,
+                    participant=self.config.participant_id,
+                    version=version,
+                    error=f"{type(error).__name__}: {error}",
+                )
+                continue
+            report = EvalEnvelope(
+                participant=self.config.participant_id,
+                version=version,
+                num_examples=len(self._held_out),  # type: ignore[arg-type]
+                metrics=metrics,
+                created=time.time(),
+            )
+            body = seal(encode_eval(report), self.config.update_signer)
+            if not self._io_tasks:
+                continue  # offline: a report on an old version is worth nothing later
+            try:
+                await self._transport.publish_eval(body)
+            except (PayloadTooLarge, TransportError) as error:
+                log_event(_log, "eval_not_sent", logging.WARNING, version=version, error=str(error))
+                continue
+            self.stats.evaluated += 1
+            self.stats.last_metrics = metrics
+            log_event(
+                _log,
+                "evaluated",
+                logging.DEBUG,
+                participant=self.config.participant_id,
+                version=version,
+                metrics={k: round(v, 6) for k, v in metrics.items()},
+            )
+
+    def _score(self, params: Params) -> dict[str, float]:
+        assert self._eval_model is not None
+        set_params(self._eval_model, params)
+        return self._task.score(self._eval_model, self._held_out)
 
     def _accept_model(self, body: bytes) -> tuple[int, Params] | None:
         """Verify (when a model key is configured) and take a model. In a worker thread."""
@@ -338,13 +385,15 @@ class Participant:
     # survive a reboot, or what the codec dropped would be lost for good.
     def _load_feedback(self) -> None:
         path = self.config.state_dir / "feedback.npz"
-        if self._feedback is not None and path.exists():
+        feedback = self._trainer.feedback
+        if feedback is not None and path.exists():
             with np.load(path, allow_pickle=False) as data:
-                self._feedback.load_state_dict({k: data[k] for k in data.files})
+                feedback.load_state_dict({k: data[k] for k in data.files})
 
     def _save_feedback(self) -> None:
-        if self._feedback is None:
+        feedback = self._trainer.feedback
+        if feedback is None:
             return
         buffer = io.BytesIO()
-        np.savez(buffer, **self._feedback.state_dict())  # type: ignore[arg-type]
+        np.savez(buffer, **feedback.state_dict())  # type: ignore[arg-type]
         atomic_write(self.config.state_dir / "feedback.npz", buffer.getvalue())
