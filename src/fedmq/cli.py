@@ -27,7 +27,7 @@ from typing import Any
 
 from fedmq._log import configure_logging, log_event
 from fedmq._options import Option, add_options, resolve_options
-from fedmq.aggregator import AggregatorConfig, BoundsConfig, ControlConfig
+from fedmq.aggregator import AggregatorConfig, BoundsConfig, ControlConfig, FedEvalConfig
 from fedmq.codecs import CodecConfig
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.participant import ParticipantConfig
@@ -39,6 +39,7 @@ from fedmq.strategies import (
     StrategyConfig,
     strategy_warnings,
 )
+from fedmq.tasks import DeviceData, Task
 from fedmq.transport import SENDER_IDENTITIES, TransportConfig
 from fedmq.wire import KeyRing, Signer, Verifier, WireLimits
 
@@ -51,8 +52,19 @@ _log = logging.getLogger("fedmq.config")
 
 _COMMON = [
     Option("job", str, "default", "job name; namespaces every queue and topic"),
-    Option("data_dir", str, None, "folder holding fashion-mnist/ (the IDX files)"),
-    Option("model", str, "cnn-s", "model architecture", ("cnn-s", "mlp")),
+    Option(
+        "task",
+        str,
+        "fmnist",
+        "what to train: fmnist, air-quality, FILE.py:OBJECT, MODULE:OBJECT or a plugin name",
+    ),
+    Option(
+        "data_dir",
+        str,
+        None,
+        "folder holding the built-in tasks' data (fashion-mnist/, beijing-air-quality/)",
+    ),
+    Option("model", str, "cnn-s", "fmnist: model architecture", ("cnn-s", "mlp")),
     Option(
         "max_message_bytes",
         int,
@@ -89,8 +101,22 @@ _STRATEGY = [
     Option(
         "publish_interval", float, 0.2, "seconds at least between model publishes (newest wins)"
     ),
-    Option("eval_every", int, 5, "evaluate on the test set every M versions (0: never)"),
-    Option("eval_examples", int, 10_000, "test images used for evaluation"),
+    Option(
+        "eval_every",
+        int,
+        5,
+        "evaluate on the own held-out set every M versions (0: off)",
+    ),
+    Option("eval_examples", int, 10_000, "fmnist: test images of the aggregator's held-out set"),
+    Option(
+        "fed_eval_window", int, 20, "combine device evaluation reports of the newest M versions"
+    ),
+    Option(
+        "fed_eval_min_devices",
+        int,
+        1,
+        "record a fleet evaluation once this many devices report",
+    ),
     Option("prefetch", int, 32, "updates in flight from the broker (back-pressure)"),
 ]
 _DURABILITY = [
@@ -109,32 +135,42 @@ _DURABILITY = [
     Option("max_num_examples", int, 1_000_000, "reject updates claiming more examples"),
 ]
 _TRAINING = [
-    Option("epochs", int, 1, "local epochs per update"),
-    Option("batch_size", int, 32, "local batch size"),
-    Option("lr", float, 0.05, "local SGD learning rate"),
+    Option("epochs", int, None, "local epochs per update (default: the task's)"),
+    Option("batch_size", int, None, "local batch size (default: the task's)"),
+    Option("lr", float, None, "local learning rate (default: the task's)"),
+    Option("device_eval_every", int, 10, "devices score every N-th version held (0: never)"),
     Option("codec", str, "float32", "update codec", ("float32", "float16", "int8", "int4", "topk")),
     Option("block_size", int, 64, "int8/int4: values per scale"),
     Option("stochastic_rounding", bool, False, "unbiased stochastic rounding for int8/int4"),
     Option("topk_fraction", float, 0.01, "top-k: fraction of entries sent"),
     Option("topk_values", str, "float32", "top-k: value codec", ("float32", "float16", "int8")),
     Option("error_feedback", bool, True, "keep what the codec dropped and add it next round"),
-    Option("partition", str, "dirichlet", "how the training set is split", ("dirichlet", "iid")),
-    Option("dirichlet_alpha", float, 0.5, "label skew of the Dirichlet split"),
+    Option(
+        "partition", str, "dirichlet", "fmnist: how the training set is split", ("dirichlet", "iid")
+    ),
+    Option("dirichlet_alpha", float, 0.5, "fmnist: label skew of the Dirichlet split"),
     Option("seed", int, 0, "seed of the split, the initial model and the local shuffles"),
 ]
 _PARTICIPANT = [
     _BROKER,
     Option("id", str, None, "participant id (unique in the job)"),
-    Option("shard", str, None, "which part of the split this device holds: I/N"),
+    Option("data", str, None, "this device's own data: the file or folder its task reads"),
+    Option("shard", str, None, "fmnist: which part of the split this device holds: I/N"),
     Option("state_dir", str, None, "outbox and counters (default: ./fedmq-state/<id>)"),
     Option("once_per_version", bool, False, "train once per model version (sync FedAvg)"),
     Option("publish_delay", float, 0.0, "seconds to wait after training (slow device)"),
-    Option("max_examples", int, 0, "use at most this many of the shard's examples (0: all)"),
+    Option("max_examples", int, 0, "fmnist: at most this many of the shard's examples (0: all)"),
 ]
 _DEMO = [
     Option("broker", str, "memory://demo", "broker URL (default: embedded, nothing to install)"),
     Option("participants", int, 20, "simulated devices"),
-    Option("target_accuracy", float, 0.80, "stop when the test accuracy reaches this"),
+    Option(
+        "target",
+        float,
+        None,
+        "stop when the task's target metric reaches this (default: the task's goal,"
+        " fmnist accuracy 0.80)",
+    ),
     Option("max_seconds", float, 600.0, "stop after this many seconds regardless"),
     Option("train_slots", int, 2, "devices training at the same time (CPU cores)"),
     Option("out_dir", str, None, "where the report and plot go (default: runs/demo-<time>)"),
@@ -177,6 +213,7 @@ _SIGNING_KEY = Option(
     "signing_key", str, None, "this process's Ed25519 private key: signs what it sends"
 )
 _AGGREGATOR_OPS = [
+    Option("data", str, None, "the aggregator's own held-out data, if any (the task reads it)"),
     _KEYS_DIR,
     _SIGNING_KEY,
     Option(
@@ -329,13 +366,12 @@ def aggregator_config(v: Values) -> AggregatorConfig:
             norm_factor=v.get("update_norm_factor", 10.0),
             max_num_examples=v.get("max_num_examples", 1_000_000),
         ),
-        model=v["model"],
         seed=v.get("seed", 0),
         strategy=strategy_config(v),
         publish_every=v["publish_every"],
         publish_interval_s=v["publish_interval"],
         eval_every=v["eval_every"],
-        eval_examples=v["eval_examples"],
+        fed_eval=FedEvalConfig(window=v["fed_eval_window"], min_devices=v["fed_eval_min_devices"]),
         limits=WireLimits(max_message_bytes=v["max_message_bytes"]),
         update_verifier=_verifier(v.get("keys_dir"), v["job"]),
         model_signer=_signer(v.get("signing_key"), v["job"]),
@@ -401,11 +437,8 @@ def participant_config(v: Values, participant_id: str, state_dir: Path) -> Parti
     return ParticipantConfig(
         participant_id=participant_id,
         state_dir=state_dir,
-        model=v["model"],
-        epochs=v["epochs"],
-        batch_size=v["batch_size"],
-        lr=v["lr"],
         seed=v["seed"],
+        eval_every=v.get("device_eval_every", 10),
         codec=codec_config(v),
         error_feedback=v["error_feedback"],
         once_per_version=v.get("once_per_version", False),
@@ -416,13 +449,70 @@ def participant_config(v: Values, participant_id: str, state_dir: Path) -> Parti
     )
 
 
-def _message_limit(model: str) -> int:
-    """The default ``max_message_bytes``: the largest update or model ``model`` can need
-    (fedmq.wire.message_limit_for), so a larger message is refused on arrival."""
-    from fedmq.models import build_model, get_params
+def _message_limit(task: Task) -> int:
+    """The default ``max_message_bytes``: the largest update or model ``task``'s model can
+    need (fedmq.wire.message_limit_for), so a larger message is refused on arrival."""
+    from fedmq.models import get_params
     from fedmq.wire import message_limit_for
 
-    return message_limit_for(get_params(build_model(model, seed=0)))  # type: ignore[arg-type]
+    return message_limit_for(get_params(task.build_model()))
+
+
+# The tasks fedmq ships, besides fmnist (built from its own options): name -> object.
+BUILTIN_TASKS = {"air-quality": "fedmq.tasks.air_quality:task"}
+
+
+def task_of(v: Values) -> Task:
+    """The task ``--task`` names, with the training options that override its own."""
+    from fedmq.tasks import load_task
+    from fedmq.tasks.fashion_mnist import FmnistSettings, make_task
+
+    if v["task"] == "fmnist":
+        task = make_task(
+            FmnistSettings(
+                model=v["model"],
+                partition=v.get("partition", "dirichlet"),
+                alpha=v.get("dirichlet_alpha", 0.5),
+                seed=v.get("seed", 0),
+                shard=parse_shard(v["shard"]) if v.get("shard") else (0, 1),
+                max_examples=v.get("max_examples", 0),
+                eval_examples=v.get("eval_examples", 10_000),
+            )
+        )
+    else:
+        task = load_task(v["task"], builtins=BUILTIN_TASKS)
+    overrides = {
+        name: v[name] for name in ("epochs", "batch_size", "lr") if v.get(name) is not None
+    }
+    if overrides:
+        task = dataclasses.replace(task, training=dataclasses.replace(task.training, **overrides))
+    return task
+
+
+def data_path(v: Values, *, required: bool) -> Path | None:
+    """``--data``, or for fmnist the folder that holds fashion-mnist/ (``--data-dir``)."""
+    from fedmq.data import resolve_data_dir
+
+    if v.get("data"):
+        return Path(v["data"])
+    if v["task"] == "fmnist":
+        return resolve_data_dir(v["data_dir"])
+    if required:
+        raise ConfigError(f"data: required for task {v['task']!r}: the device's own data file")
+    return None
+
+
+def task_of_data(task: Task, where: Path) -> DeviceData:
+    """The device's data as the task reads it from ``where``; a one-line error if it
+    cannot (a missing file, a format the task refuses)."""
+    try:
+        return task.load_data(where)
+    except FedmqError:
+        raise
+    except Exception as error:  # the task's code: any error is the user's, in one line
+        raise ConfigError(
+            f"data: task {task.name!r} cannot read {str(where)!r}: {error!r}"
+        ) from error
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -504,8 +594,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in _ACTIONS:
             values.update(action=args.action, assignments=getattr(args, "assignments", []))
         configure_logging(level=values["log_level"], json_format=values["log_format"] == "json")
+        if "task" in values:
+            values["task_object"] = task_of(values)
         if "max_message_bytes" in values and values["max_message_bytes"] is None:
-            values["max_message_bytes"] = _message_limit(values["model"])
+            values["max_message_bytes"] = _message_limit(values["task_object"])
         runner: Callable[[Values], Coroutine[Any, Any, int]] = _RUNNERS[args.command]
         return _run(runner(values))
     except FedmqError as error:
@@ -520,8 +612,15 @@ async def _aggregator(v: Values) -> int:
     metrics = MetricsConfig(
         port=v["metrics_port"], host=v["metrics_host"], active_window_s=v["active_window"]
     )
+    task: Task = v["task_object"]
+    where = data_path(v, required=False)
+    central = task.central_data(where) if task.central_data and where else None
     return await run_aggregator(
-        aggregator_config(v), transport_config(v, service=True), v["data_dir"], metrics=metrics
+        aggregator_config(v),
+        transport_config(v, service=True),
+        task,
+        central,
+        metrics=metrics,
     )
 
 
@@ -530,35 +629,36 @@ async def _participant(v: Values) -> int:
 
     if not v["id"]:
         raise ConfigError("id: required, e.g. --id dev-01")
-    shard = parse_shard(v["shard"])
+    if v["task"] == "fmnist" and not v["shard"]:
+        raise ConfigError("shard: required for the fmnist task, e.g. --shard 0/20")
+    task: Task = v["task_object"]
     state_dir = Path(v["state_dir"] or Path("fedmq-state") / v["id"])
+    config = participant_config(v, v["id"], state_dir)  # the id is checked first
+    where = data_path(v, required=True)
+    assert where is not None
     return await run_participant(
-        participant_config(v, v["id"], state_dir),
-        transport_config(v, service=True),
-        data_dir=v["data_dir"],
-        shard=shard,
-        partition=v["partition"],
-        dirichlet_alpha=v["dirichlet_alpha"],
-        max_examples=v["max_examples"],
+        config, transport_config(v, service=True), task, task_of_data(task, where)
     )
 
 
 async def _demo(v: Values) -> int:
     from fedmq.sim.demo import DemoConfig, run_demo
 
+    from fedmq.data import resolve_data_dir
+
     config = DemoConfig(
+        task=v["task_object"],
+        data_dir=resolve_data_dir(v["data_dir"]),
         participants=v["participants"],
-        target_accuracy=v["target_accuracy"],
+        target=v["target"],
         max_seconds=v["max_seconds"],
         train_slots=v["train_slots"],
-        partition=v["partition"],
-        dirichlet_alpha=v["dirichlet_alpha"],
         out_dir=Path(v["out_dir"]) if v["out_dir"] else None,
         aggregator=aggregator_config(v),
         transport=transport_config(v),
         participant=participant_config(v, "template", Path(".")),
     )
-    return await run_demo(config, v["data_dir"])
+    return await run_demo(config)
 
 
 async def _bench(v: Values) -> int:

@@ -1,7 +1,8 @@
 """The devices' evaluation reports (``fedmq.eval/1``): admitted, combined, recorded.
 
 Every report goes through the same doors as an update from the same device: it must
-decode strictly (``open_eval``), carry a valid participant id, be signed by a key its
+fit the transport's bound, come from the participant the broker says sent it (MQTT
+topic, AMQP sender identity), decode strictly (``open_eval``), carry a valid participant id, be signed by a key its
 participant owns when ``update_verifier`` is configured, come from an allowed
 participant when there is an allow-list, and not claim a version newer than the
 model or more examples than ``FedEvalConfig.max_num_examples``. A refused report is
@@ -28,6 +29,7 @@ from fedmq.aggregator._fedeval import FederatedEval
 from fedmq.aggregator._health import watch_evaluation
 from fedmq.aggregator._stats import AggregatorStats, EvalPoint
 from fedmq.errors import Reason, Rejection, WireError
+from fedmq.transport import EvalReport
 from fedmq.wire import EVAL_LIMITS, EvalEnvelope, open_eval
 
 __all__ = ["serve_evals"]
@@ -48,11 +50,11 @@ class _Host(Protocol):
     def evaluates_centrally(self) -> bool: ...
 
 
-async def serve_evals(aggregator: _Host, reports: AsyncIterator[bytes]) -> None:
+async def serve_evals(aggregator: _Host, reports: AsyncIterator[EvalReport]) -> None:
     """Admit every report ``reports`` yields until it ends."""
     last_point = -float("inf")
-    async for body in reports:
-        report = _admit(aggregator, body)
+    async for received in reports:
+        report = _admit(aggregator, received)
         if report is None:
             continue
         now = time.monotonic()
@@ -60,10 +62,17 @@ async def serve_evals(aggregator: _Host, reports: AsyncIterator[bytes]) -> None:
             last_point = now
 
 
-def _admit(aggregator: _Host, body: bytes) -> EvalEnvelope | None:
+def _admit(aggregator: _Host, received: EvalReport) -> EvalEnvelope | None:
     config, stats = aggregator.config, aggregator.stats
     try:
-        report = open_eval(body, limits=EVAL_LIMITS, verifier=config.update_verifier)
+        if received.refused is not None:
+            raise received.refused
+        report = open_eval(received.body, limits=EVAL_LIMITS, verifier=config.update_verifier)
+        hint = received.participant_hint
+        if hint and hint != report.participant:  # the broker's word against the report's
+            raise Rejection(
+                Reason.PARTICIPANT_MISMATCH, f"sent by {hint!r}, claims {report.participant!r}"
+            )
         allowed = config.allowed_participants
         if allowed is not None and report.participant not in allowed:
             raise Rejection(Reason.UNKNOWN_PARTICIPANT, f"{report.participant!r} is not allowed")

@@ -12,8 +12,15 @@ from fedmq.participant import ParticipantStats
 __all__ = ["progress_line", "progress_table", "summary_table"]
 
 
-def _fmt_acc(value: float | None) -> str:
+def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def _label(stats: AggregatorStats) -> str:
+    """The target's name and where it comes from: ``accuracy`` or ``rmse (fleet)``."""
+    point = stats.scored[-1] if stats.scored else None
+    fleet = point is not None and point.source == "federated"
+    return f"{stats.target.name} (fleet)" if fleet else stats.target.name
 
 
 def progress_table(
@@ -24,7 +31,7 @@ def progress_table(
     for column in (
         "elapsed",
         "version",
-        "test acc",
+        _label(stats),
         "applied",
         "dropped",
         "staleness",
@@ -34,9 +41,9 @@ def progress_table(
     ):
         table.add_column(column, justify="right")
     dropped = ", ".join(f"{k}={n}" for k, n in sorted(stats.rejected.items())) or "0"
-    accuracy = stats.latest_accuracy
-    acc_text = _fmt_acc(accuracy)
-    if accuracy is not None and accuracy >= target:
+    value = stats.latest_target
+    acc_text = _fmt(value)
+    if value is not None and stats.target.reached(value, target):
         acc_text = f"[bold green]{acc_text}[/]"
     table.add_row(
         f"{stats.elapsed_s:6.1f} s",
@@ -55,7 +62,8 @@ def progress_table(
 def progress_line(stats: AggregatorStats) -> str:
     """The same facts as one log line, for output that is not a terminal."""
     return (
-        f"t={stats.elapsed_s:6.1f}s version={stats.version} acc={_fmt_acc(stats.latest_accuracy)}"
+        f"t={stats.elapsed_s:6.1f}s version={stats.version}"
+        f" {_label(stats).replace(' ', '')}={_fmt(stats.latest_target)}"
         f" applied={stats.applied} dropped={stats.dropped}"
         f" staleness_mean={stats.mean_staleness:.2f} staleness_max={stats.max_staleness}"
     )

@@ -43,14 +43,18 @@ with the update; a NaN or infinite loss skips the update."""
 
 @dataclass(frozen=True)
 class Metric:
-    """A named metric and its direction: accuracy up, RMSE down."""
+    """A named metric and its direction: accuracy up, RMSE down. ``goal``: the value a
+    demo or benchmark run stops at by default (``--target`` overrides it)."""
 
     name: str
     higher_is_better: bool
+    goal: float | None = None
 
     def __post_init__(self) -> None:
         if not is_metric_name(self.name):  # it travels in eval reports (wire-format 12)
             raise ConfigError(f"Metric.name: {self.name!r} must be {METRIC_NAME_RULE}")
+        if self.goal is not None and not math.isfinite(self.goal):
+            raise ConfigError(f"Metric.goal: {self.goal!r} must be a finite number or None")
 
     def better(self, a: float, b: float) -> bool:
         """Whether ``a`` is strictly better than ``b``."""
