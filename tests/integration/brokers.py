@@ -15,6 +15,7 @@ process group: the system RabbitMQ (127.0.0.1:5672, epmd on 4369) and Mosquitto
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -28,7 +29,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Self
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiomqtt
@@ -43,11 +45,13 @@ __all__ = [
     "Certs",
     "MosquittoProcess",
     "RabbitNode",
+    "TcpProxy",
     "free_port",
     "make_certs",
     "read_demo_passwords",
     "render_mosquitto_conf",
     "render_rabbitmq_conf",
+    "via_proxy",
     "world_readable_tmpdir",
 ]
 
@@ -452,11 +456,11 @@ class MosquittoProcess:
 
 
 async def delete_job_queues(url: str, job: str) -> None:
-    """Delete a job's RabbitMQ queues (updates, rejected, models, control) and its uplink
-    exchange, if they exist."""
+    """Delete a job's RabbitMQ queues (updates, rejected, models, control, evals) and its
+    uplink exchange, if they exist."""
     names = amqp_names(job)
     async with await aio_pika.connect(url) as connection:
-        for name in (names.updates, names.rejected, names.models, names.control):
+        for name in (names.updates, names.rejected, names.models, names.control, names.evals):
             channel = await connection.channel()
             with contextlib.suppress(aio_pika.exceptions.ChannelClosed):
                 await channel.queue_delete(name)
@@ -478,3 +482,71 @@ async def forget_mqtt_job(url: str, job: str, participants: Sequence[str]) -> No
     for suffix in ("aggregator", *(f"p-{pid}" for pid in participants)):
         async with aiomqtt.Client(host, port, identifier=f"fedmq-{job}-{suffix}"):
             pass  # clean_session defaults to True: the broker forgets the session
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:<port> to the broker; ``cut()`` kills the live connections."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._upstream = (host, port)
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.cut()
+        await self._server.wait_closed()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+
+    def cut(self) -> None:
+        for writer in list(self._writers):
+            writer.transport.abort()
+
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.create_task(self._serve(reader, writer), name="proxy-connection")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        except OSError:
+            writer.transport.abort()
+            self._writers.discard(writer)
+            return
+        self._writers.add(up_writer)
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        finally:
+            for w in (writer, up_writer):
+                w.transport.abort()
+                self._writers.discard(w)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.transport.abort()
+
+
+def via_proxy(url: str, port: int) -> str:
+    """``url`` with its host and port replaced by the proxy's (credentials kept)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)
+    host = f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))

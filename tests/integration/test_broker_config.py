@@ -6,8 +6,8 @@ with certificates made by scripts/make-certs.sh, and shows with real clients tha
 
 - TLS works (AMQPS, MQTTS) and a client that does not trust the fedmq CA is refused;
 - wrong passwords, unknown users and RabbitMQ's default "guest" are refused;
-- a device publishes its own updates (through its job's uplink exchange, the only thing
-  it may write over AMQP) and reads the model, and nothing else:
+- a device publishes its own updates and evaluation reports (through its job's uplink
+  exchange, the only thing it may write over AMQP) and reads the model, and nothing else:
   RabbitMQ closes the channel with ACCESS_REFUSED (AMQP) or the connection (its MQTT
   plugin); Mosquitto answers "Not authorized" to MQTT 5 clients and silently drops the
   message for MQTT 3.1.1 clients, which an observer proves by never receiving it;
@@ -48,7 +48,7 @@ from ruamel.yaml import YAML
 
 from fedmq.errors import TransportError
 from fedmq.transport import TransportConfig
-from fedmq.transport.amqp import REJECTED_MAX_BYTES
+from fedmq.transport.amqp import EVALS_ARGUMENTS, REJECTED_MAX_BYTES
 from fedmq.transport.mqtt import MqttAggregator, MqttParticipant
 from tests.integration.brokers import (
     REPO,
@@ -391,6 +391,11 @@ async def _consume_updates(ch: aio_pika.abc.AbstractChannel) -> object:
     return await queue.consume(_ignore)
 
 
+async def _consume_evals(ch: aio_pika.abc.AbstractChannel) -> object:
+    queue = await ch.get_queue("fedmq.default.evals", ensure=False)
+    return await queue.consume(_ignore)
+
+
 async def _consume_rejected(ch: aio_pika.abc.AbstractChannel) -> object:
     queue = await ch.get_queue("fedmq.default.rejected", ensure=False)
     return await queue.get(fail=False)
@@ -421,6 +426,10 @@ async def _publish_other_devices_update_topic(ch: aio_pika.abc.AbstractChannel) 
     return await _publish_topic(ch, "fedmq.default.updates.dev-02")
 
 
+async def _publish_other_devices_eval_topic(ch: aio_pika.abc.AbstractChannel) -> object:
+    return await _publish_topic(ch, "fedmq.default.evals.dev-02")
+
+
 async def _publish_default_exchange(ch: aio_pika.abc.AbstractChannel, queue: str) -> object:
     message = aio_pika.Message(unique("forged"), user_id="dev-01")
     return await ch.default_exchange.publish(message, routing_key=queue)
@@ -436,6 +445,10 @@ async def _write_control_queue(ch: aio_pika.abc.AbstractChannel) -> object:
 
 async def _write_updates_queue_directly(ch: aio_pika.abc.AbstractChannel) -> object:
     return await _publish_default_exchange(ch, "fedmq.default.updates")
+
+
+async def _write_evals_queue_directly(ch: aio_pika.abc.AbstractChannel) -> object:
+    return await _publish_default_exchange(ch, "fedmq.default.evals")
 
 
 async def _write_another_jobs_uplink(ch: aio_pika.abc.AbstractChannel) -> object:
@@ -460,17 +473,20 @@ async def _bind_updates_elsewhere(ch: aio_pika.abc.AbstractChannel) -> object:
     "operation",
     [
         _consume_updates,  # read: only the aggregator reads updates
+        _consume_evals,  # read: and evaluation reports
         _consume_rejected,  # read
         _redeclare_updates,  # configure: the topology belongs to the aggregator
         _delete_updates,  # configure
         _declare_own_queue,  # configure
         _publish_model_topic,  # topic permission (write) on amq.topic
         _publish_other_devices_update_topic,  # topic permission, {username} expansion
+        _publish_other_devices_eval_topic,  # the same
         # write: only fedmq.default.uplink. Before, write on amq.default let a device
         # append to the model stream, or write any queue of the vhost.
         _write_model_stream,
         _write_control_queue,
         _write_updates_queue_directly,
+        _write_evals_queue_directly,
         _write_another_jobs_uplink,
         _write_dead_letter_exchange,
         _bind_updates_elsewhere,  # write on the queue
@@ -490,6 +506,7 @@ async def test_device_may_publish_its_own_update_topic_on_amq_topic(rabbit: Rabb
     async with await aio_pika.connect(amqp_url(rabbit, "dev-01")) as device:
         channel = await device.channel(publisher_confirms=True)
         await _publish_topic(channel, "fedmq.default.updates.dev-01")  # no binding: returned
+        await _publish_topic(channel, "fedmq.default.evals.dev-01")
 
 
 @pytest.mark.amqp
@@ -510,8 +527,9 @@ async def test_device_reads_the_model_stream_published_by_the_aggregator(
 
 @pytest.mark.amqp
 async def test_fedmq_transports_work_with_the_deployed_permissions(rabbit: RabbitNode) -> None:
-    """dev-01 publishes through the uplink, the aggregator (sender_identity="login") sees
-    the broker-verified login as the sender, and the model goes the other way."""
+    """dev-01 publishes an update and a report through the uplink, the aggregator
+    (sender_identity="login") sees the broker-verified login as the sender of both, and
+    the model goes the other way."""
     from fedmq.transport import TransportConfig, connect_aggregator, connect_participant
 
     def config(user: str, **extra: Any) -> TransportConfig:
@@ -530,6 +548,13 @@ async def test_fedmq_transports_work_with_the_deployed_permissions(rabbit: Rabbi
                 await delivery.ack()  # an earlier test's
         assert delivery.participant_hint == "dev-01"
         await delivery.ack()
+        report = unique("report")
+        await device.publish_eval(report)
+        async with asyncio.timeout(10):
+            async for received in agg.evals():
+                if received.body == report:
+                    break
+        assert received.participant_hint == "dev-01"
 
 
 @pytest.mark.amqp
@@ -576,6 +601,7 @@ async def test_definitions_match_the_transport_declarations(rabbit: RabbitNode) 
         await channel.declare_queue(
             "fedmq.default.models", durable=True, arguments={"x-queue-type": "stream"}
         )
+        await channel.declare_queue("fedmq.default.evals", durable=True, arguments=EVALS_ARGUMENTS)
         await channel.declare_exchange(UPLINK, aio_pika.ExchangeType.DIRECT, durable=True)
         # Another job: the aggregator declares its own queues and uplink, binds them, and
         # binds its dead letters.
@@ -589,7 +615,12 @@ async def test_definitions_match_the_transport_declarations(rabbit: RabbitNode) 
             f"fedmq.{job}.uplink", aio_pika.ExchangeType.DIRECT, durable=True
         )
         await updates.bind(uplink, routing_key=f"fedmq.{job}.updates")
+        evals = await channel.declare_queue(
+            f"fedmq.{job}.evals", durable=True, arguments=EVALS_ARGUMENTS
+        )
+        await evals.bind(uplink, routing_key=f"fedmq.{job}.evals")
         await channel.queue_delete(f"fedmq.{job}.updates")
+        await channel.queue_delete(f"fedmq.{job}.evals")
         await channel.queue_delete(f"fedmq.{job}.rejected")
         await channel.exchange_delete(f"fedmq.{job}.uplink")
         with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed, match="inequivalent"):
@@ -602,6 +633,7 @@ async def test_definitions_match_the_transport_declarations(rabbit: RabbitNode) 
         channel = await device.channel()
         await channel.declare_queue("fedmq.default.updates", passive=True)
         await channel.declare_queue("fedmq.default.models", passive=True)
+        await channel.declare_queue("fedmq.default.evals", passive=True)
         await channel.declare_exchange(UPLINK, passive=True)
 
 
@@ -636,7 +668,7 @@ async def test_amqp_control_commands_are_taken_from_the_operator_only(
             await queue.consume(ignore)
     async with await aio_pika.connect(amqp_url(rabbit, "aggregator")) as aggregator:
         channel = await aggregator.channel()
-        for suffix in ("updates", "rejected", "models", "control"):
+        for suffix in ("updates", "rejected", "models", "control", "evals"):
             await channel.queue_delete(f"fedmq.{job}.{suffix}")
         await channel.exchange_delete(f"fedmq.{job}.uplink")
 
@@ -703,13 +735,14 @@ def test_prometheus_plugin_serves_the_queue_depths_the_dashboard_plots(
 
 @pytest.mark.amqp
 @pytest.mark.mqtt
+@pytest.mark.parametrize("kind", ["updates", "evals"])
 async def test_rabbitmq_mqtt_device_publishes_only_its_own_update(
-    rabbit: RabbitNode, tls: ssl.SSLContext, job: str
+    rabbit: RabbitNode, tls: ssl.SSLContext, job: str, kind: str
 ) -> None:
     port = rabbit.ports["mqtts"]
     async with mqtt_client(port, tls, "aggregator", f"fedmq-{job}-aggregator") as aggregator:
-        await aggregator.subscribe(f"fedmq/{job}/updates/+", qos=1)
-        for topic in (f"fedmq/{job}/updates/dev-02", f"fedmq/{job}/model"):
+        await aggregator.subscribe(f"fedmq/{job}/{kind}/+", qos=1)
+        for topic in (f"fedmq/{job}/{kind}/dev-02", f"fedmq/{job}/model"):
             forged = await asyncio.to_thread(
                 mqtt_attempt,
                 port,
@@ -728,7 +761,7 @@ async def test_rabbitmq_mqtt_device_publishes_only_its_own_update(
             tls,
             "dev-01",
             client_id=f"fedmq-{job}-p-dev-01",
-            publish=(f"fedmq/{job}/updates/dev-01", b"sentinel", False),
+            publish=(f"fedmq/{job}/{kind}/dev-01", b"sentinel", False),
         )
         assert own.puback == 0
         assert not own.dropped_by_broker
@@ -816,6 +849,39 @@ async def test_fedmq_mqtts_connections_set_tcp_nodelay(
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
+@pytest.mark.parametrize(
+    "broker",
+    [
+        pytest.param("mosquitto", marks=pytest.mark.mqtt),
+        pytest.param("rabbit", marks=[pytest.mark.amqp, pytest.mark.mqtt]),
+    ],
+)
+async def test_fedmq_mqtt_transports_carry_reports_under_the_deployed_acl(
+    broker: str,
+    request: pytest.FixtureRequest,
+    certs: Certs,
+    job: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The aggregator's subscription to ``evals/+`` is granted, dev-01 may publish on its
+    own report topic, and the topic level names it."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certs.ca))
+    port = request.getfixturevalue(broker).ports["mqtts"]
+
+    def config(user: str) -> TransportConfig:
+        password = urllib.parse.quote(PASSWORDS[user], safe="")
+        return TransportConfig(url=f"mqtts://{user}:{password}@127.0.0.1:{port}", job=job)
+
+    async with (
+        MqttAggregator(config("aggregator")) as aggregator,
+        MqttParticipant(config("dev-01"), "dev-01") as device,
+    ):
+        await device.publish_eval(b"report")
+        async with asyncio.timeout(10):
+            report = await anext(aiter(aggregator.evals()))
+        assert (report.body, report.participant_hint) == (b"report", "dev-01")
+
+
 def tls_handshake(port: int, context: ssl.SSLContext) -> None:
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
@@ -839,20 +905,21 @@ def test_mosquitto_refuses_bad_credentials(
 
 
 @pytest.mark.mqtt
+@pytest.mark.parametrize("kind", ["updates", "evals"])
 @pytest.mark.parametrize("mqtt5", [False, True], ids=["mqtt311", "mqtt5"])
 async def test_mosquitto_device_publishes_only_its_own_update(
-    mosquitto: MosquittoProcess, tls: ssl.SSLContext, job: str, mqtt5: bool
+    mosquitto: MosquittoProcess, tls: ssl.SSLContext, job: str, mqtt5: bool, kind: str
 ) -> None:
     port = mosquitto.ports["mqtts"]
     async with mqtt_client(port, tls, "aggregator", f"fedmq-{job}-aggregator") as aggregator:
-        await aggregator.subscribe(f"fedmq/{job}/updates/+", qos=1)
+        await aggregator.subscribe(f"fedmq/{job}/{kind}/+", qos=1)
         forged = await asyncio.to_thread(
             mqtt_attempt,
             port,
             tls,
             "dev-01",
             client_id=f"fedmq-{job}-p-dev-01",
-            publish=(f"fedmq/{job}/updates/dev-02", b"forged", False),
+            publish=(f"fedmq/{job}/{kind}/dev-02", b"forged", False),
             mqtt5=mqtt5,
         )
         # MQTT 3.1.1 cannot say no: PUBACK "success", message dropped. MQTT 5 says so.
@@ -863,7 +930,7 @@ async def test_mosquitto_device_publishes_only_its_own_update(
             tls,
             "dev-01",
             client_id=f"fedmq-{job}-p-dev-01",
-            publish=(f"fedmq/{job}/updates/dev-01", b"sentinel", False),
+            publish=(f"fedmq/{job}/{kind}/dev-01", b"sentinel", False),
             mqtt5=mqtt5,
         )
         assert own.puback == 0
@@ -899,11 +966,12 @@ async def test_mosquitto_only_the_aggregator_writes_the_model(
 
 
 @pytest.mark.mqtt
+@pytest.mark.parametrize("kind", ["updates", "evals"])
 async def test_mosquitto_devices_cannot_read_updates(
-    mosquitto: MosquittoProcess, tls: ssl.SSLContext, job: str
+    mosquitto: MosquittoProcess, tls: ssl.SSLContext, job: str, kind: str
 ) -> None:
     port = mosquitto.ports["mqtts"]
-    updates = f"fedmq/{job}/updates/+"
+    updates = f"fedmq/{job}/{kind}/+"
     async with (
         mqtt_client(port, tls, "dev-02", f"fedmq-{job}-p-dev-02") as spy,
         mqtt_client(port, tls, "aggregator", f"fedmq-{job}-aggregator") as aggregator,
@@ -912,7 +980,7 @@ async def test_mosquitto_devices_cannot_read_updates(
         await spy.subscribe(f"fedmq/{job}/model", qos=1)
         await aggregator.subscribe(updates, qos=1)
         async with mqtt_client(port, tls, "dev-01", f"fedmq-{job}-p-dev-01") as device:
-            await device.publish(f"fedmq/{job}/updates/dev-01", b"update", qos=1)
+            await device.publish(f"fedmq/{job}/{kind}/dev-01", b"update", qos=1)
         assert await collect_until(aggregator, b"update") == [b"update"]
         await aggregator.publish(f"fedmq/{job}/model", b"model-v1", qos=1)
         # The model reaches the spy after the update would have: the update never came.

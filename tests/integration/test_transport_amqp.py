@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Self
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -36,7 +36,7 @@ from fedmq.transport.amqp import (
     AmqpParticipant,
     amqp_names,
 )
-from tests.integration.brokers import delete_job_queues
+from tests.integration.brokers import TcpProxy, delete_job_queues, via_proxy
 
 pytestmark = pytest.mark.amqp
 
@@ -80,73 +80,6 @@ async def _nothing_within(iterator: AsyncIterator[Any], within: float) -> bool:
     except TimeoutError:
         return True
     return False
-
-
-class TcpProxy:
-    """Forwards 127.0.0.1:<port> to the broker; ``cut()`` kills the live connections."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self._upstream = (host, port)
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
-        self.port = 0
-
-    async def __aenter__(self) -> Self:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        self.cut()
-        await self._server.wait_closed()
-        if self._tasks:
-            await asyncio.wait(self._tasks)
-
-    def cut(self) -> None:
-        for writer in list(self._writers):
-            writer.transport.abort()
-
-    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.create_task(self._serve(reader, writer), name="proxy-connection")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
-        except OSError:
-            writer.transport.abort()
-            self._writers.discard(writer)
-            return
-        self._writers.add(up_writer)
-        try:
-            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
-        finally:
-            for w in (writer, up_writer):
-                w.transport.abort()
-                self._writers.discard(w)
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.transport.abort()
-
-
-def _via_proxy(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    netloc = parts.netloc.rsplit("@", 1)
-    host = f"127.0.0.1:{port}"
-    return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
 
 
 # -- round trips -----------------------------------------------------------------
@@ -400,7 +333,7 @@ async def test_tcp_cut_ack_of_dead_delivery_is_harmless(
 ) -> None:
     host = urlsplit(amqp_url)
     async with TcpProxy(host.hostname or "127.0.0.1", host.port or 5672) as proxy:
-        proxied = _config(_via_proxy(amqp_url, proxy.port), config.job)
+        proxied = _config(via_proxy(amqp_url, proxy.port), config.job)
         async with AmqpAggregator(proxied) as agg, AmqpParticipant(config, "p1") as part:
             await part.publish_update(b"in-flight")
             updates = agg.updates()

@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from fedmq.transport.amqp import REJECTED_MAX_BYTES
+from fedmq.transport.amqp import EVALS_ARGUMENTS, REJECTED_MAX_BYTES
 
 try:
     from ruamel.yaml import YAML  # installed with check-jsonschema
@@ -313,21 +313,26 @@ def test_devices_may_write_only_their_own_update_topic(definitions: Any) -> None
     for device in devices:
         write = topic[device]["write"].replace("{username}", re.escape(device))
         assert re.search(write, f"fedmq.default.updates.{device}")
+        assert re.search(write, f"fedmq.default.evals.{device}")
         assert not re.search(write, "fedmq.default.updates.dev-99")
+        assert not re.search(write, "fedmq.default.evals.dev-99")
         assert not re.search(write, "fedmq.default.model")
         assert re.search(topic[device]["read"], "fedmq.default.model")
         assert not re.search(topic[device]["read"], "fedmq.default.updates.*")
-        for queue in ("fedmq.default.updates", "fedmq.default.rejected", "fedmq.default.models"):
-            assert not re.search(vhost[device]["configure"], queue)
+        assert not re.search(topic[device]["read"], "fedmq.default.evals.*")
+        for queue in ("updates", "rejected", "models", "evals"):
+            assert not re.search(vhost[device]["configure"], f"fedmq.default.{queue}")
         assert re.search(vhost[device]["read"], "fedmq.default.models")
         assert not re.search(vhost[device]["read"], "fedmq.default.updates")
+        assert not re.search(vhost[device]["read"], "fedmq.default.evals")
         # Updates go through the job's uplink exchange; nothing else is writable over AMQP
         # (write on amq.default would reach every queue of the vhost).
         assert re.search(vhost[device]["write"], "fedmq.default.uplink")
         for other in ("amq.default", "fedmq.other.uplink", "fedmq.dlx", "fedmq.default.models"):
             assert not re.search(vhost[device]["write"], other), other
-    acl = (BROKER_CONFIG / "mosquitto.acl").read_text()
-    assert "pattern write fedmq/+/updates/%u" in acl.splitlines()
+    acl = (BROKER_CONFIG / "mosquitto.acl").read_text().splitlines()
+    assert "pattern write fedmq/+/updates/%u" in acl
+    assert "pattern write fedmq/+/evals/%u" in acl
 
 
 def test_add_a_device_instructions_grant_what_the_example_devices_have(
@@ -356,7 +361,7 @@ def test_policies_cover_the_queues_they_are_meant_for(definitions: Any) -> None:
         assert re.search(policy["pattern"], f"fedmq.default.{suffix}")
         assert re.search(policy["pattern"], f"fedmq.other-job.{suffix}")
     updates = policies["fedmq-updates"]["definition"]
-    binding, uplink = definitions["bindings"]
+    binding, uplink, evals = definitions["bindings"]
     assert binding["source"] == updates["dead-letter-exchange"]
     assert binding["routing_key"] == "fedmq.default.updates"
     assert binding["destination"] == "fedmq.default.rejected"
@@ -365,6 +370,14 @@ def test_policies_cover_the_queues_they_are_meant_for(definitions: Any) -> None:
         "fedmq.default.updates",
     )
     assert uplink["routing_key"] == "fedmq.default.updates"
+    assert (evals["source"], evals["destination"], evals["routing_key"]) == (
+        "fedmq.default.uplink",
+        "fedmq.default.evals",
+        "fedmq.default.evals",
+    )
+    # Its bounds are queue arguments, as the transport declares them (no policy).
+    assert queues["fedmq.default.evals"]["arguments"] == EVALS_ARGUMENTS
+    assert not any(re.search(p["pattern"], "fedmq.default.evals") for p in policies.values())
     # The aggregator declares the rejected queue with this argument: the same, or it is
     # inequivalent (PRECONDITION_FAILED).
     limit = {"x-max-length-bytes": REJECTED_MAX_BYTES}

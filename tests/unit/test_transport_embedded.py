@@ -16,7 +16,7 @@ from fedmq.errors import (
     Reason,
     RejectedUpdate,
 )
-from fedmq.transport import TransportConfig, connect_aggregator, connect_participant
+from fedmq.transport import EvalReport, TransportConfig, connect_aggregator, connect_participant
 from fedmq.transport._backoff import Backoff
 from fedmq.transport._common import REJECTED_BODY_MAX, redact_url
 from fedmq.transport.embedded import (
@@ -25,6 +25,7 @@ from fedmq.transport.embedded import (
     embedded_broker,
     reset_embedded_brokers,
 )
+from fedmq.wire import EVAL_LIMITS
 
 LIMIT = 1024
 
@@ -269,3 +270,65 @@ def test_a_refused_url_is_named_without_its_password() -> None:
         TransportConfig(url="amqps+bad://u:hunter2@h/")
     assert "hunter2" not in str(refused.value)
     assert "u:***@h/" in str(refused.value)
+
+
+# -- evaluation reports -------------------------------------------------------------------
+
+
+async def test_a_report_reaches_the_aggregator_with_its_sender(config: TransportConfig) -> None:
+    async with EmbeddedAggregator(config) as agg, EmbeddedParticipant(config, "p1") as part:
+        await part.publish_eval(b"report")
+        report = await asyncio.wait_for(anext(agg.evals()), 1)
+    assert report == EvalReport(body=b"report", participant_hint="p1")
+
+
+async def test_updates_and_reports_do_not_mix(config: TransportConfig) -> None:
+    async with EmbeddedAggregator(config) as agg, EmbeddedParticipant(config, "p1") as part:
+        await part.publish_update(b"update")
+        await part.publish_eval(b"report")
+        delivery = await asyncio.wait_for(anext(agg.updates()), 1)
+        assert delivery.body == b"update"
+        await delivery.ack()
+        assert (await asyncio.wait_for(anext(agg.evals()), 1)).body == b"report"
+        for iterator in (agg.updates(), agg.evals()):
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(anext(iterator), 0.05)
+
+
+async def test_a_report_over_the_eval_limit_is_refused(config: TransportConfig) -> None:
+    # The eval limit, not max_message_bytes (LIMIT here, far lower), bounds a report.
+    async with EmbeddedAggregator(config) as agg, EmbeddedParticipant(config, "p1") as part:
+        with pytest.raises(PayloadTooLarge, match="EVAL_LIMITS"):
+            await part.publish_eval(bytes(EVAL_LIMITS.max_message_bytes + 1))
+        await part.publish_eval(bytes(EVAL_LIMITS.max_message_bytes))
+        assert len((await asyncio.wait_for(anext(agg.evals()), 1)).body) > LIMIT
+
+
+async def test_reports_wait_for_the_aggregator_newest_kept(config: TransportConfig) -> None:
+    async with EmbeddedParticipant(config, "p1") as part:
+        for i in range(10_001):  # one more than the bound: the oldest goes, nobody waits
+            await part.publish_eval(str(i).encode())
+    async with EmbeddedAggregator(config) as agg:
+        reports = agg.evals()
+        assert (await asyncio.wait_for(anext(reports), 1)).body == b"1"
+    async with EmbeddedAggregator(config) as agg:
+        # Taken as handed over: a new aggregator gets the rest, not the first again.
+        assert (await asyncio.wait_for(anext(agg.evals()), 1)).body == b"2"
+
+
+async def test_evals_iterator_ends_when_the_aggregator_closes(config: TransportConfig) -> None:
+    async with EmbeddedAggregator(config) as agg:
+        pending = asyncio.ensure_future(anext(agg.evals()))
+        await asyncio.sleep(0)
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(pending, 1)
+
+
+def test_a_received_report_over_the_eval_limit_is_not_held() -> None:
+    """What the AMQP and MQTT aggregators hand over for a report larger than any legal one."""
+    refused = EvalReport.received(bytes(EVAL_LIMITS.max_message_bytes + 1), "dev-01")
+    assert refused.body == b""
+    assert refused.participant_hint == "dev-01"
+    assert refused.refused is not None and refused.refused.reason is Reason.TOO_LARGE
+    kept = EvalReport.received(b"report", "dev-01")
+    assert kept == EvalReport(body=b"report", participant_hint="dev-01")

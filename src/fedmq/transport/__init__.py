@@ -4,6 +4,7 @@ from fedmq.transport._base import (
     SENDER_IDENTITIES,
     AggregatorTransport,
     Delivery,
+    EvalReport,
     ParticipantTransport,
     TransportConfig,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "SENDER_IDENTITIES",
     "AggregatorTransport",
     "Delivery",
+    "EvalReport",
     "ParticipantTransport",
     "TransportConfig",
     "connect_aggregator",

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
 
-from fedmq.errors import ConfigError, Rejection
-from fedmq.transport._common import redact_url
+from fedmq.errors import ConfigError, Reason, Rejection, WireError
+from fedmq.transport._common import EVAL_MAX_BYTES, redact_url
 
 __all__ = [
     "AggregatorTransport",
     "Delivery",
+    "EvalReport",
     "ParticipantTransport",
     "TransportConfig",
 ]
@@ -139,6 +140,35 @@ class Delivery(Protocol):
         ...
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalReport:
+    """One evaluation report (a ``fedmq.eval/1`` body, signed or not) handed to the aggregator.
+
+    Already acknowledged to the broker (at most once): there is nothing to settle.
+    """
+
+    body: bytes
+    # Who the broker says sent it, exactly as ``Delivery.participant_hint`` for updates
+    # (MQTT topic level; AMQP ``user_id`` or ``participant`` header as
+    # ``TransportConfig.sender_identity`` says); "" when unknown. The aggregator compares
+    # it with the report's ``participant`` (``participant_mismatch``).
+    participant_hint: str
+    # Set when the transport refused to hold the body (over
+    # ``fedmq.wire.EVAL_LIMITS.max_message_bytes``: ``too_large``, and ``body`` is empty),
+    # so that the aggregator counts it like any rejection.
+    refused: Rejection | None = None
+
+    @classmethod
+    def received(cls, body: bytes, participant_hint: str) -> EvalReport:
+        """A report as it arrives from the network: one over ``EVAL_MAX_BYTES`` is not kept."""
+        if len(body) > EVAL_MAX_BYTES:
+            refused = WireError(
+                Reason.TOO_LARGE, f"report of {len(body)} bytes, limit {EVAL_MAX_BYTES}"
+            )
+            return cls(body=b"", participant_hint=participant_hint, refused=refused)
+        return cls(body=body, participant_hint=participant_hint)
+
+
 class AggregatorTransport(Protocol):
     """The aggregator's side: consume updates, publish models."""
 
@@ -178,6 +208,17 @@ class AggregatorTransport(Protocol):
         """
         ...
 
+    def evals(self) -> AsyncIterator[EvalReport]:
+        """Every evaluation report sent to the job (``publish_eval``), across reconnects,
+        until closed.
+
+        Queued by the broker while the aggregator is away, in a bounded backlog whose
+        oldest reports go first (AMQP ``x-max-length``, MQTT the persistent session's
+        queue); acknowledged as they arrive (at most once: a lost report is replaced by
+        the device's next one).
+        """
+        ...
+
 
 class ParticipantTransport(Protocol):
     """A device's side: receive models, publish its own updates."""
@@ -202,6 +243,16 @@ class ParticipantTransport(Protocol):
         """Publish one update; returns once the broker confirmed it (persisted).
 
         Waits through reconnects. Raises PayloadTooLarge (never retried).
+        """
+        ...
+
+    async def publish_eval(self, body: bytes) -> None:
+        """Publish one evaluation report (a ``fedmq.eval/1`` body, signed or not).
+
+        Returns once the broker has it (confirm / PUBACK); waits through reconnects, but
+        never for room: the broker drops the oldest queued reports instead. Raises
+        PayloadTooLarge (never retried) for a body over
+        ``fedmq.wire.EVAL_LIMITS.max_message_bytes`` (4096).
         """
         ...
 

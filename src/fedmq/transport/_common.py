@@ -8,12 +8,14 @@ import logging
 from fedmq.errors import ClosedResourceError, PayloadTooLarge
 
 # Ids become MQTT topic levels, client ids, queue names and AMQP headers: the wire's rule.
-from fedmq.wire import check_participant_id
+from fedmq.wire import EVAL_LIMITS, check_participant_id
 
 __all__ = [
+    "EVAL_MAX_BYTES",
     "LOG",
     "REJECTED_BODY_MAX",
     "Lifecycle",
+    "check_eval_size",
     "check_participant_id",
     "check_size",
     "redact_url",
@@ -26,6 +28,9 @@ LOG = logging.getLogger("fedmq.transport")
 # fields (who, which seq, which codec) and the first tensors; a flood of large refused
 # messages must not become a flood of large records (the original size is a header).
 REJECTED_BODY_MAX = 64 * 1024
+# The largest evaluation report a participant sends or an aggregator takes: the wire's
+# bound on a ``fedmq.eval/1`` message (a legal one, signed, is under 1.5 KiB).
+EVAL_MAX_BYTES = EVAL_LIMITS.max_message_bytes
 
 
 class _State(enum.Enum):
@@ -66,13 +71,19 @@ class Lifecycle:
             raise ClosedResourceError(f"{self._what} is closed")
 
 
-def check_size(body: bytes, limit: int, what: str) -> None:
-    """Refuse (never chunk) a message over ``limit`` bytes, before anything is sent."""
+def check_size(body: bytes, limit: int, what: str, setting: str = "max_message_bytes") -> None:
+    """Refuse (never chunk) a message over ``limit`` bytes, before anything is sent;
+    ``setting`` names where the limit comes from, for the error message."""
     if len(body) > limit:
         raise PayloadTooLarge(
-            f"{what} of {len(body)} bytes exceeds max_message_bytes={limit}; "
+            f"{what} of {len(body)} bytes exceeds {setting}={limit}; "
             "fedmq refuses rather than chunks (see docs/transports.md)"
         )
+
+
+def check_eval_size(body: bytes) -> None:
+    """Refuse an evaluation report over ``EVAL_MAX_BYTES`` before anything is sent."""
+    check_size(body, EVAL_MAX_BYTES, "eval report", "fedmq.wire.EVAL_LIMITS.max_message_bytes")
 
 
 def rejected_excerpt(body: bytes) -> bytes:

@@ -4,10 +4,11 @@ Topology of job ``<job>`` (every declare is idempotent; both roles declare what
 they use, so start order does not matter):
 
 - ``fedmq.<job>.uplink``   durable direct exchange, bound only to the updates queue
-  (routing key ``fedmq.<job>.updates``).  Participants publish updates through it,
-  never through the default exchange, so a deployment can give devices write
-  permission on this exchange alone (broker_config/definitions.json): write on
-  ``amq.default`` would let them write into any queue, the model stream included.
+  (routing key ``fedmq.<job>.updates``) and the evals queue (``fedmq.<job>.evals``).
+  Participants publish updates and evaluation reports through it, never through the
+  default exchange, so a deployment can give devices write permission on this
+  exchange alone (broker_config/definitions.json): write on ``amq.default`` would let
+  them write into any queue, the model stream included.
 - ``fedmq.<job>.updates``  classic durable queue.  Participants publish through
   the uplink, persistent, with publisher confirms and ``mandatory``, ``user_id``
   = their login; header ``participant`` carries the participant id.  The
@@ -24,11 +25,19 @@ they use, so start order does not matter):
 - ``fedmq.<job>.control``  classic durable queue: operator commands
   (``publish_control``, persistent, confirmed), consumed by the aggregator with
   automatic acks; with ``control_publisher`` set, those of another user are dropped.
+- ``fedmq.<job>.evals``    classic durable queue, ``x-max-length`` 10,000 and
+  ``x-max-length-bytes`` 32 MiB with ``x-overflow: drop-head`` (a full queue drops its
+  oldest report, never nacks a device).  Participants publish evaluation reports
+  through the uplink, exactly as updates (persistent, confirmed, ``mandatory``,
+  ``user_id``, header ``participant``); a report no queue takes (an aggregator that
+  never declared the queue) is dropped with a warning.  The aggregator consumes with
+  automatic acks; the sender is found as for updates (``sender_identity``).  Both
+  roles declare it if they may; neither needs it to run.
 
-Besides ``x-queue-type``, only the rejected queue's byte bound is a queue argument
-(so that a bare broker bounds it too; broker_config/definitions.json declares the
-same): other lengths, retention and dead-lettering are operator policies, because
-arguments are immutable and every client's redeclare must match them.
+Besides ``x-queue-type``, only the rejected and evals queues' bounds are queue
+arguments (so that a bare broker bounds them too; broker_config/definitions.json
+declares the same): other lengths, retention and dead-lettering are operator policies,
+because arguments are immutable and every client's redeclare must match them.
 
 aio-pika's ``connect_robust`` is deliberately not used (house style): see
 ``_session.py``.
@@ -70,9 +79,10 @@ from fedmq.errors import (
     TransportError,
 )
 from fedmq.transport._backoff import Backoff
-from fedmq.transport._base import TransportConfig
+from fedmq.transport._base import EvalReport, TransportConfig
 from fedmq.transport._common import (
     LOG,
+    check_eval_size,
     check_participant_id,
     check_size,
     redact_url,
@@ -83,6 +93,7 @@ from fedmq.transport._session import Session, SessionLost, SupervisedTransport
 
 __all__ = [
     "DEAD_LETTER_EXCHANGE",
+    "EVALS_ARGUMENTS",
     "AmqpAggregator",
     "AmqpNames",
     "AmqpParticipant",
@@ -105,6 +116,7 @@ _MODELS_PREFETCH = 2  # stream consumers need a prefetch (it is their credit)
 _DETAIL_MAX = 1000  # characters of a rejection's detail kept in its header
 _CLOSE_TIMEOUT_S = 5.0
 _MAX_CONTROLS = 1000  # commands buffered for the aggregator (the oldest go first)
+_MAX_EVALS = 10_000  # reports buffered for the aggregator (the oldest go first)
 
 
 @dataclass(frozen=True)
@@ -115,7 +127,8 @@ class AmqpNames:
     rejected: str
     models: str
     control: str
-    uplink: str  # the exchange updates are published to (bound only to ``updates``)
+    evals: str
+    uplink: str  # the exchange updates and reports are published to (bound to those two)
 
 
 def amqp_names(job: str) -> AmqpNames:
@@ -125,6 +138,7 @@ def amqp_names(job: str) -> AmqpNames:
         rejected=f"fedmq.{job}.rejected",
         models=f"fedmq.{job}.models",
         control=f"fedmq.{job}.control",
+        evals=f"fedmq.{job}.evals",
         uplink=f"fedmq.{job}.uplink",
     )
 
@@ -138,6 +152,16 @@ _STREAM: dict[str, Any] = {"x-queue-type": "stream"}
 # definitions.json declares fedmq.default.rejected with exactly this argument.
 REJECTED_MAX_BYTES = 256 * 1024 * 1024
 _REJECTED: dict[str, Any] = {"x-max-length-bytes": REJECTED_MAX_BYTES}
+# And the evals queue's: reports are small and lossy-tolerant, so a flood (or an aggregator
+# long away) drops the oldest instead of growing the queue or nacking devices. 10,000 is
+# the aggregator's default max_devices (one latest report each); 32 MiB holds 10,000
+# legal reports (under 1.5 KiB signed) with room, and bounds a flood of junk up to the
+# broker's max_message_size. definitions.json declares fedmq.default.evals with these.
+EVALS_ARGUMENTS: dict[str, Any] = {
+    "x-max-length": 10_000,
+    "x-max-length-bytes": 32 * 1024 * 1024,
+    "x-overflow": "drop-head",
+}
 
 
 def _is_fatal(exc: BaseException) -> bool:
@@ -176,9 +200,12 @@ class _AmqpSession(Session):
         headers: dict[str, Any],
         what: str,
         exchange: str = "",
+        drop_unroutable: bool = False,
     ) -> None:
         """Persistent, mandatory, confirmed publish (through the default exchange unless
-        ``exchange`` names another)."""
+        ``exchange`` names another). A message no queue takes is returned: that raises
+        (the reconnect redeclares the queue), or with ``drop_unroutable`` is logged and
+        dropped."""
         target = (
             self.publish_channel.default_exchange
             if not exchange
@@ -206,6 +233,14 @@ class _AmqpSession(Session):
                 raise
             except DeliveryError as exc:
                 if isinstance(exc, PublishError):
+                    if drop_unroutable:
+                        LOG.warning(
+                            "%s: no queue is bound for the %s (routing key %s); dropped",
+                            self.label,
+                            what,
+                            routing_key,
+                        )
+                        return
                     raise  # returned unroutable: the queue is gone; reconnect redeclares it
                 # Nacked, e.g. a full queue with overflow=reject-publish: the connection is
                 # fine, so wait and try again on it rather than reconnecting.
@@ -275,8 +310,22 @@ async def _declare(
             await channel.close()
 
 
-async def _declare_uplink(connection: AbstractConnection, names: AmqpNames) -> None:
-    """Declare the uplink exchange and bind it to the updates queue, idempotently.
+async def _declare_optional(
+    connection: AbstractConnection, name: str, arguments: dict[str, Any] | None, lost: str
+) -> bool:
+    """Declare a queue this role can do without; False (``lost`` is unavailable, logged)
+    if this user may not declare it and it does not exist."""
+    try:
+        await _declare(connection, name, arguments)
+    except (ChannelAccessRefused, ChannelNotFoundEntity) as exc:
+        LOG.warning("amqp: no queue %s (%s): %s is unavailable", name, exc, lost)
+        return False
+    return True
+
+
+async def _declare_uplink(connection: AbstractConnection, names: AmqpNames, *, evals: bool) -> None:
+    """Declare the uplink exchange and bind it to the updates queue (and, with ``evals``,
+    the evals queue), each with its own name as routing key, idempotently.
 
     Falls back to checking that the exchange exists when this user may not (devices of
     broker_config/definitions.json); a missing exchange then fails this connection
@@ -288,8 +337,9 @@ async def _declare_uplink(connection: AbstractConnection, names: AmqpNames) -> N
             exchange = await channel.declare_exchange(
                 names.uplink, aio_pika.ExchangeType.DIRECT, durable=True
             )
-            queue = await channel.get_queue(names.updates, ensure=False)
-            await queue.bind(exchange, routing_key=names.updates)
+            for name in (names.updates, names.evals) if evals else (names.updates,):
+                queue = await channel.get_queue(name, ensure=False)
+                await queue.bind(exchange, routing_key=name)
             return
         except ChannelAccessRefused:
             LOG.debug("amqp: may not declare or bind %s; checking that it exists", names.uplink)
@@ -324,6 +374,14 @@ def _header_str(headers: dict[str, Any], key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _sender(message: AbstractIncomingMessage, config: TransportConfig) -> str:
+    """Who sent an update or a report: the broker-verified ``user_id`` or the claimed
+    ``participant`` header, as ``config.sender_identity`` says; "" when it has none."""
+    if config.sender_identity == "login":
+        return message.user_id or ""
+    return _header_str(dict(message.headers), "participant") or ""
+
+
 class _AmqpDelivery:
     """One update from the updates queue; settled on the channel it arrived on.
 
@@ -353,10 +411,7 @@ class _AmqpDelivery:
         self._session = session
         self._rejected_queue = rejected_queue
         self._settled = False
-        if config.sender_identity == "login":
-            self._sender = message.user_id or ""
-        else:
-            self._sender = _header_str(dict(message.headers), "participant") or ""
+        self._sender = _sender(message, config)
         self._size = len(message.body)
         self._refused: Rejection | None = None
         if self._size > config.max_message_bytes:
@@ -465,6 +520,7 @@ class _AmqpBase(SupervisedTransport[_AmqpSession]):
         headers: dict[str, Any],
         what: str,
         exchange: str = "",
+        drop_unroutable: bool = False,
     ) -> None:
         self._life.check_open()
         check_size(body, self._config.max_message_bytes, what)
@@ -472,7 +528,12 @@ class _AmqpBase(SupervisedTransport[_AmqpSession]):
 
         async def op(session: _AmqpSession) -> None:
             await session.publish(
-                body, routing_key=routing_key, headers=headers, what=what, exchange=exchange
+                body,
+                routing_key=routing_key,
+                headers=headers,
+                what=what,
+                exchange=exchange,
+                drop_unroutable=drop_unroutable,
             )
 
         await self._supervisor.call(op, what=f"publish {what}", retryable=_BROKER_ERRORS)
@@ -503,19 +564,24 @@ class AmqpAggregator(_AmqpBase):
         # deliveries out per channel, so this holds at most that many live ones.
         self._inbox: Inbox[_AmqpDelivery] = Inbox()
         self._controls: Inbox[bytes] = Inbox(maxlen=_MAX_CONTROLS)
+        self._evals: Inbox[EvalReport] = Inbox(maxlen=_MAX_EVALS)
         self.controls_dropped = 0  # commands of another user than control_publisher
         self._dropped_logged_at = -float("inf")
 
     def _close_inbox(self) -> None:
         self._inbox.close()
         self._controls.close()
+        self._evals.close()
 
     async def _open(self, connection: AbstractConnection) -> _AmqpSession:
         names, config = self._names, self._config
         await _declare(connection, names.updates)
         await _declare(connection, names.rejected, _REJECTED)
         await _declare(connection, names.models, _STREAM)
-        await _declare_uplink(connection, names)
+        evals = await _declare_optional(
+            connection, names.evals, EVALS_ARGUMENTS, "federated evaluation"
+        )
+        await _declare_uplink(connection, names, evals=evals)
         await _bind_dead_letters(connection, names)
         publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
         consume = await connection.channel(publisher_confirms=False)
@@ -530,9 +596,18 @@ class AmqpAggregator(_AmqpBase):
         # Deliveries of the previous connection were requeued by the broker; drop our copies.
         self._inbox.drop_where(lambda d: d.stale)
         await queue.consume(on_update, no_ack=False)
-        if await _declare_control(connection, names.control):
+        if await _declare_optional(connection, names.control, None, "live tuning"):
             control = await consume.get_queue(names.control, ensure=False)
             await control.consume(self._on_control, no_ack=True)
+        if evals:
+
+            async def on_eval(message: AbstractIncomingMessage) -> None:
+                self._evals.put(EvalReport.received(message.body, _sender(message, config)))
+
+            # Automatic acks: at most once, and the broker's backlog moves into the
+            # bounded inbox (oldest dropped) instead of waiting for credit.
+            reports = await consume.get_queue(names.evals, ensure=False)
+            await reports.consume(on_eval, no_ack=True)
         return session
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
@@ -557,6 +632,11 @@ class AmqpAggregator(_AmqpBase):
         self._life.check_open()
         return InboxIterator(self._controls)
 
+    def evals(self) -> InboxIterator[EvalReport]:
+        """Evaluation reports from ``fedmq.<job>.evals``, across reconnects, until closed."""
+        self._life.check_open()
+        return InboxIterator(self._evals)
+
     def updates(self) -> InboxIterator[_AmqpDelivery]:
         """Every update, across reconnects, until closed; stale deliveries are skipped."""
         self._life.check_open()
@@ -568,16 +648,6 @@ class AmqpAggregator(_AmqpBase):
         await self._publish(
             body, routing_key=self._names.models, headers={"version": version}, what="model"
         )
-
-
-async def _declare_control(connection: AbstractConnection, name: str) -> bool:
-    """Declare the control queue; False (live tuning off, logged) if this user may not."""
-    try:
-        await _declare(connection, name)
-    except (ChannelAccessRefused, ChannelNotFoundEntity) as exc:
-        LOG.warning("amqp: no control queue %s (%s): live tuning is unavailable", name, exc)
-        return False
-    return True
 
 
 async def publish_control(config: TransportConfig, body: bytes) -> None:
@@ -625,7 +695,12 @@ class AmqpParticipant(_AmqpBase):
         names = self._names
         await _declare(connection, names.updates)
         await _declare(connection, names.models, _STREAM)
-        await _declare_uplink(connection, names)
+        # Without it (an aggregator that never declared it, and no right to) reports are
+        # returned unroutable and dropped; updates and models work all the same.
+        evals = await _declare_optional(
+            connection, names.evals, EVALS_ARGUMENTS, "sending evaluation reports"
+        )
+        await _declare_uplink(connection, names, evals=evals)
         publish = await connection.channel(publisher_confirms=True, on_return_raises=True)
         consume = await connection.channel(publisher_confirms=False)
         session = _AmqpSession(self._label, connection, publish, self._config)
@@ -666,4 +741,16 @@ class AmqpParticipant(_AmqpBase):
             headers={"participant": self._participant_id},
             what="update",
             exchange=self._names.uplink,
+        )
+
+    async def publish_eval(self, body: bytes) -> None:
+        self._life.check_open()
+        check_eval_size(body)
+        await self._publish(
+            body,
+            routing_key=self._names.evals,
+            headers={"participant": self._participant_id},
+            what="eval report",
+            exchange=self._names.uplink,
+            drop_unroutable=True,  # lossy-tolerant: never hold a device up for a missing queue
         )

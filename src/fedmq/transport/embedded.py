@@ -17,7 +17,9 @@ Semantics, per job (the same as the real brokers, minus durability):
   ``EmbeddedBroker.rejected(job)`` (what an operator would inspect), each with at
   most ``REJECTED_BODY_MAX`` bytes of the body (so at most 64 MiB at the defaults);
 - control commands (``publish_control``): a FIFO per job, kept until an aggregator
-  takes them.
+  takes them;
+- evaluation reports (``publish_eval``): a FIFO per job of the newest 10,000, kept
+  until an aggregator takes them (publishers never wait; the oldest go first).
 """
 
 from __future__ import annotations
@@ -25,14 +27,16 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Generic, Self, TypeVar
 
 from fedmq.errors import ClosedResourceError, ConfigError, Rejection
-from fedmq.transport._base import TransportConfig
+from fedmq.transport._base import EvalReport, TransportConfig
 from fedmq.transport._common import (
     Lifecycle,
+    check_eval_size,
     check_participant_id,
     check_size,
     rejected_excerpt,
@@ -50,6 +54,8 @@ __all__ = [
 ]
 
 _MAX_CONTROLS = 1000  # commands kept for an absent aggregator (the oldest go first)
+_MAX_EVALS = 10_000  # reports kept for an absent aggregator (the oldest go first), as AMQP
+T = TypeVar("T")
 _REGISTRY: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, EmbeddedBroker]] = (
     weakref.WeakKeyDictionary()
 )
@@ -83,6 +89,7 @@ class _Job:
     subscribers: set[Inbox[bytes]] = field(default_factory=set)
     rejected: deque[RejectedRecord] = field(default_factory=deque)
     controls: deque[bytes] = field(default_factory=lambda: deque(maxlen=_MAX_CONTROLS))
+    evals: deque[EvalReport] = field(default_factory=lambda: deque(maxlen=_MAX_EVALS))
     next_seq: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -235,22 +242,25 @@ class _Updates:
             await job.changed()
 
 
-class _Controls:
-    """``async for`` over the job's control commands while the aggregator is open."""
+class _Drain(Generic[T]):
+    """``async for`` over one of the job's FIFOs (control commands, evaluation reports)
+    while the aggregator is open: each item is taken as it is handed over."""
 
-    def __init__(self, owner: EmbeddedAggregator) -> None:
+    def __init__(self, owner: EmbeddedAggregator, fifo: Callable[[_Job], deque[T]]) -> None:
         self._owner = owner
+        self._fifo = fifo
 
     def __aiter__(self) -> Self:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> T:
         job = self._owner._job_state
+        items = self._fifo(job)
         while True:
             if not self._owner._life.is_open:
                 raise StopAsyncIteration
-            if job.controls:
-                return job.controls.popleft()
+            if items:
+                return items.popleft()
             await job.changed()
 
 
@@ -307,9 +317,13 @@ class EmbeddedAggregator:
         for inbox in job.subscribers:
             inbox.put(body)
 
-    def controls(self) -> _Controls:
+    def controls(self) -> _Drain[bytes]:
         self._life.check_open()
-        return _Controls(self)
+        return _Drain(self, lambda job: job.controls)
+
+    def evals(self) -> _Drain[EvalReport]:
+        self._life.check_open()
+        return _Drain(self, lambda job: job.evals)
 
 
 async def publish_control(config: TransportConfig, body: bytes) -> None:
@@ -370,3 +384,11 @@ class EmbeddedParticipant:
         job.ready.append(_Entry(seq=job.next_seq, body=body, participant=self._participant_id))
         job.next_seq += 1
         job.notify()
+
+    async def publish_eval(self, body: bytes) -> None:
+        self._life.check_open()
+        check_eval_size(body)
+        assert self._job is not None
+        # Bounded by dropping the oldest report, never by making the device wait.
+        self._job.evals.append(EvalReport(body=body, participant_hint=self._participant_id))
+        self._job.notify()

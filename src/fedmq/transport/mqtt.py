@@ -15,6 +15,10 @@ Topics of job ``<job>``:
 - ``fedmq/<job>/control``  QoS 1, operator commands (``publish_control``; only the
   operator may write it, by the broker's ACL); the aggregator subscribes on the
   same persistent session and acknowledges each one as it takes it.
+- ``fedmq/<job>/evals/<participant>``  QoS 1, evaluation reports (``publish_eval``).
+  The aggregator subscribes ``fedmq/<job>/evals/+`` on the same persistent session,
+  PUBACKs each report as it arrives (at most once), and takes the topic level as
+  the sender, as for updates.
 
 One connection per transport object carries both its subscription and its
 publishes; every connection has ``TCP_NODELAY`` set (Nagle's algorithm would hold
@@ -53,9 +57,10 @@ from fedmq.errors import (
     TransportError,
     WireError,
 )
-from fedmq.transport._base import TransportConfig
+from fedmq.transport._base import EvalReport, TransportConfig
 from fedmq.transport._common import (
     LOG,
+    check_eval_size,
     check_participant_id,
     check_size,
     redact_url,
@@ -77,6 +82,7 @@ _KEEPALIVE_S = 30
 _MQTT_MAX_REMAINING = 268_435_455  # the protocol's largest packet body
 _DETAIL_MAX = 1000
 _MAX_CONTROLS = 1000  # commands buffered for the aggregator (the oldest go first)
+_MAX_EVALS = 10_000  # reports buffered for the aggregator (the oldest go first)
 _REFUSED_CODES = {4, 5, 134, 135}  # CONNACK: bad username/password, not authorised (3.1.1 / 5)
 # Every broker connection: a PUBACK or a small publish goes out at once instead of
 # waiting (Nagle) for the ACK of the previous one, which the peer delays ~40 ms.
@@ -88,17 +94,29 @@ class MqttTopics:
 
     def __init__(self, job: str) -> None:
         self.updates_filter = f"fedmq/{job}/updates/+"
+        self.evals_filter = f"fedmq/{job}/evals/+"
         self.model = f"fedmq/{job}/model"
         self.rejected = f"fedmq/{job}/rejected"
         self.control = f"fedmq/{job}/control"
         self._updates_prefix = f"fedmq/{job}/updates/"
+        self._evals_prefix = f"fedmq/{job}/evals/"
 
     def updates(self, participant_id: str) -> str:
         return self._updates_prefix + participant_id
 
+    def evals(self, participant_id: str) -> str:
+        return self._evals_prefix + participant_id
+
     def participant_of(self, topic: str) -> str:
         """The part of an update topic after ``fedmq/<job>/updates/`` ("" if empty)."""
         return topic.removeprefix(self._updates_prefix)
+
+    def eval_participant_of(self, topic: str) -> str | None:
+        """The part of a report topic after ``fedmq/<job>/evals/`` ("" if empty); None
+        for a topic that is not a report's."""
+        if not topic.startswith(self._evals_prefix):
+            return None
+        return topic.removeprefix(self._evals_prefix)
 
 
 def mqtt_topics(job: str) -> MqttTopics:
@@ -310,8 +328,9 @@ class _MqttBase(SupervisedTransport[_MqttSession]):
         self._client_id = client_id
         self._clean_session = clean_session
         self._subscription = subscription
-        # A second subscription that may be refused (by ACL) without stopping the transport.
-        self._optional_subscription: str | None = None
+        # Subscriptions that may be refused (by ACL) without stopping the transport:
+        # topic filter -> what is unavailable without it.
+        self._optional_subscriptions: dict[str, str] = {}
         self._manual_ack = manual_ack
 
     # -- lifecycle -----------------------------------------------------------
@@ -364,12 +383,11 @@ class _MqttBase(SupervisedTransport[_MqttSession]):
             # kept the session: a new broker (or a wiped one) has no subscription.
             granted = await client.subscribe(self._subscription, qos=1)
             _check_granted(self._subscription, granted)
-            if self._optional_subscription is not None:
-                topic = self._optional_subscription
+            for topic, lost in self._optional_subscriptions.items():
                 try:
                     _check_granted(topic, await client.subscribe(topic, qos=1))
                 except SubscriptionRefused as exc:
-                    LOG.warning("%s: %s; live tuning is unavailable", self._label, exc)
+                    LOG.warning("%s: %s; %s is unavailable", self._label, exc, lost)
             self._on_up(session)
             up(session)
             reader = asyncio.create_task(
@@ -423,11 +441,16 @@ class MqttAggregator(_MqttBase):
         # never PUBACKed, stranding it in the broker's in-flight window until reconnect.
         self._inbox: Inbox[_MqttDelivery] = Inbox()
         self._controls: Inbox[bytes] = Inbox(maxlen=_MAX_CONTROLS)
-        self._optional_subscription = topics.control
+        self._evals: Inbox[EvalReport] = Inbox(maxlen=_MAX_EVALS)
+        self._optional_subscriptions = {
+            topics.control: "live tuning",
+            topics.evals_filter: "federated evaluation",
+        }
 
     def _close_inbox(self) -> None:
         self._inbox.close()
         self._controls.close()
+        self._evals.close()
 
     def _new_client(self) -> aiomqtt.Client:
         return self._make_client(queue_type=None, max_queued=None)
@@ -437,9 +460,16 @@ class MqttAggregator(_MqttBase):
         self._inbox.drop_where(lambda d: d.stale)
 
     def _on_message(self, session: _MqttSession, message: aiomqtt.Message) -> None:
-        if message.topic.value == self._topics.control:
+        topic = message.topic.value
+        if topic == self._topics.control:
             self._controls.put(message.payload)
             session.puback(message.mid, message.qos)  # at most once: few and idempotent
+            return
+        sender = self._topics.eval_participant_of(topic)
+        if sender is not None:
+            # The sender is the topic level, as for updates (``evals/%u`` in the ACL).
+            self._evals.put(EvalReport.received(message.payload, sender))
+            session.puback(message.mid, message.qos)  # at most once: the next report replaces it
             return
         limit = self._config.max_message_bytes
         self._inbox.put(_MqttDelivery(message, session, self._topics, limit))
@@ -458,6 +488,11 @@ class MqttAggregator(_MqttBase):
         """Operator commands from ``fedmq/<job>/control``, across reconnects, until closed."""
         self._life.check_open()
         return InboxIterator(self._controls)
+
+    def evals(self) -> InboxIterator[EvalReport]:
+        """Evaluation reports from ``fedmq/<job>/evals/+``, across reconnects, until closed."""
+        self._life.check_open()
+        return InboxIterator(self._evals)
 
 
 async def publish_control(config: TransportConfig, body: bytes) -> None:
@@ -511,6 +546,7 @@ class MqttParticipant(_MqttBase):
             clean_session=True,
         )
         self._update_topic = topics.updates(participant_id)
+        self._eval_topic = topics.evals(participant_id)
         # Latest wins, in aiomqtt's queue and ours: only the newest model matters.
         self._models: Inbox[bytes] = Inbox(maxlen=1)
 
@@ -531,3 +567,8 @@ class MqttParticipant(_MqttBase):
 
     async def publish_update(self, body: bytes) -> None:
         await self._publish(self._update_topic, body, retain=False, what="update")
+
+    async def publish_eval(self, body: bytes) -> None:
+        self._life.check_open()
+        check_eval_size(body)
+        await self._publish(self._eval_topic, body, retain=False, what="eval report")
