@@ -69,7 +69,7 @@ def _admit(aggregator: _Host, received: EvalReport) -> EvalEnvelope | None:
             raise received.refused
         report = open_eval(received.body, limits=EVAL_LIMITS, verifier=config.update_verifier)
         hint = received.participant_hint
-        if hint and hint != report.participant:  # the broker's word against the report's
+        if not hint or hint != report.participant:  # the broker's word, as for updates
             raise Rejection(
                 Reason.PARTICIPANT_MISMATCH, f"sent by {hint!r}, claims {report.participant!r}"
             )
