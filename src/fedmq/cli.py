@@ -163,7 +163,7 @@ _PARTICIPANT = [
 ]
 _DEMO = [
     Option("broker", str, "memory://demo", "broker URL (default: embedded, nothing to install)"),
-    Option("participants", int, 20, "simulated devices"),
+    Option("participants", int, 0, "simulated devices (0: the task's fleet; fmnist 20)"),
     Option(
         "target",
         float,

@@ -55,15 +55,15 @@ class DemoConfig:
     aggregator: AggregatorConfig
     transport: TransportConfig
     participant: ParticipantConfig  # template; id and state_dir are set per device
-    participants: int = 20
+    participants: int = 0  # 0: the task's own fleet size
     target: float | None = None
     max_seconds: float = 600.0
     train_slots: int = 2
     out_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.participants < 1:
-            raise ConfigError(f"participants: {self.participants} must be >= 1")
+        if self.participants < 0:
+            raise ConfigError(f"participants: {self.participants} must be >= 0 (0: the task's)")
         if self.task.fleet is None:
             raise ConfigError(f"task: {self.task.name!r} has no fleet to simulate (Task.fleet)")
         if self.goal is None:

@@ -87,7 +87,7 @@ class Task:
     that replaces the default loop. ``central_data`` (optional): the aggregator's held-out
     set, read from ``--data`` of the aggregator. ``fleet`` (optional): every device's data
     for a simulated fleet on one machine (``fedmq demo`` / ``bench``), as
-    ``fleet(data_dir, devices, seed)``.
+    ``fleet(data_dir, devices, seed)``; ``devices`` 0 asks for the task's own fleet size.
     """
 
     name: str

@@ -25,6 +25,8 @@ from fedmq.tasks._task import DeviceData, Metric, Task
 
 __all__ = ["TARGET", "FmnistSettings", "make_task", "split"]
 
+DEMO_DEVICES = 20  # the fleet of `fedmq demo` when no size is given
+
 TARGET = Metric("accuracy", higher_is_better=True, goal=0.80)  # BENCHMARK.md's
 
 
@@ -75,6 +77,7 @@ def make_task(settings: FmnistSettings | None = None) -> Task:
 
     def fleet(data_dir: Path, count: int, seed: int) -> Sequence[DeviceData]:
         del seed  # the split's seed is the task's, so that every process agrees on it
+        count = count or DEMO_DEVICES
         return devices(data_dir, count, range(count))
 
     def load_data(data_dir: Path) -> DeviceData:
