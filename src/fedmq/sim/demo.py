@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.live import Live
@@ -111,6 +112,7 @@ async def run_demo(config: DemoConfig) -> int:
     stats = AggregatorStats()
     devices: list[Participant] = []
     fed_eval = FederatedEval(aggregator_config.fed_eval)  # the aggregator's, once it exists
+    final_params = initial
     console.print(
         f"fedmq demo: task {task.name}, {len(fleet)} devices,"
         f" strategy {config.aggregator.strategy.name},"
@@ -160,8 +162,14 @@ async def run_demo(config: DemoConfig) -> int:
                 tg.create_task(_watch(config, stats, devices, console, live), name="watch")
         except* _Finished:
             reached = _reached(stats, config.goal)
+        final_params = aggregator.params
+    # The trained global model, for whoever wants to use or score it (numpy .npz, no pickle).
+    np.savez(out / "model.npz", **final_params)  # type: ignore[arg-type]
     console.print(summary_table(_report(config, stats, fed_eval, devices, reached, out)))
-    console.print(f"report: {out / 'report.json'}  plot: {out / _plot_name(stats)}")
+    console.print(
+        f"report: {out / 'report.json'}  plot: {out / _plot_name(stats)}"
+        f"  model: {out / 'model.npz'}"
+    )
     return 0 if reached else 1
 
 
