@@ -459,7 +459,10 @@ def _message_limit(task: Task) -> int:
 
 
 # The tasks fedmq ships, besides fmnist (built from its own options): name -> object.
-BUILTIN_TASKS = {"air-quality": "fedmq.tasks.air_quality:task"}
+BUILTIN_TASKS = {
+    "air-quality": "fedmq.tasks.air_quality:task",
+    "fmnist": "fedmq.tasks.fashion_mnist:task",  # built from its options by task_of
+}
 
 
 def task_of(v: Values) -> Task:
