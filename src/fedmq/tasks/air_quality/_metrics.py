@@ -58,6 +58,10 @@ class Metrics:
         return math.sqrt(self.sum_sq / self.n) if self.n else math.nan
 
     @property
+    def mse(self) -> float:
+        return self.sum_sq / self.n if self.n else math.nan
+
+    @property
     def mae(self) -> float:
         return self.sum_abs / self.n if self.n else math.nan
 
