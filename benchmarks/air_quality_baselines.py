@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from fedmq.errors import DataError
 from fedmq.tasks.air_quality import (
     Metrics,
     StationSeries,
@@ -52,19 +53,10 @@ from fedmq.tasks.air_quality import (
     persistence,
     read_station,
     station_stats,
+    stations,
 )
 
 METHODS = ("persistence", "local", "central")
-
-
-def station_files(data_dir: Path) -> list[Path]:
-    """The station files under ``data_dir`` (sorted by name)."""
-    files = sorted(data_dir.glob("beijing-air-quality/**/PRSA_Data_*.csv*"))
-    if not files:
-        files = sorted(data_dir.glob("**/PRSA_Data_*.csv*"))
-    if not files:
-        sys.exit(f"no PRSA_Data_*.csv(.gz) station file under {data_dir}")
-    return files
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -87,7 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     command = shlex.join([Path(sys.executable).name, *sys.argv])
     started = time.perf_counter()
-    files = station_files(args.data_dir)
+    try:
+        files = [path for _, path in stations(args.data_dir)]
+    except DataError as error:
+        sys.exit(str(error))
     if args.stations:
         files = files[: args.stations]
     settings = {

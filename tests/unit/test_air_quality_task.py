@@ -122,8 +122,8 @@ def test_the_fleet_is_one_device_per_station_in_name_order(data_dir: Path) -> No
     assert task.fleet is not None
     fleet = task.fleet(data_dir, 2, 0)  # the first two; all 12 take ~8 s to read
     assert [d.train.station for d in fleet] == names[:2]  # type: ignore[attr-defined]
-    for bad in (0, 13):
-        with pytest.raises(ConfigError, match=r"^devices: .* 1\.\.12, got"):
+    for bad in (-1, 13):  # 0 is the whole fleet
+        with pytest.raises(ConfigError, match=r"^devices: .* 1\.\.12 \(0: all\), got"):
             task.fleet(data_dir, bad, 0)
 
 
