@@ -29,7 +29,7 @@ global model, example-weighted mean) 49.36 after 2 rounds and 49.27 after 4 with
 per-station statistics, 49.35 and 49.18 with fleet statistics.
 
 Training: fedmq's default loop (``fedmq.models.train_local``): one epoch of Adam
-(lr 1e-3, fresh state each time) on batches of 64, mean squared error; about 1.4 s
+(lr 1e-3, fresh state each time) on batches of 64, mean squared error; 1.4 to 1.9 s
 per local training (~17,000 windows) on one CPU thread. With it, FedAvg's validation
 RMSE (the example-weighted mean over stations that federated evaluation reports) is
 50.30 after one round, 49.28 after two, 48.79 after four, then rises: the later years
@@ -81,7 +81,7 @@ TARGET = Metric("rmse", higher_is_better=False, goal=50.0)
 """Validation RMSE in µg/m³; the goal is 4 below persistence's 54.3, which synchronous
 FedAvg passes in its second round (module docstring)."""
 TRAINING = Training(epochs=1, batch_size=64, lr=1e-3, optimizer="adam", loss=F.mse_loss)
-"""One local training: ~265 Adam steps, ~1.4 s on one CPU thread."""
+"""One local training: ~265 Adam steps, 1.4 to 1.9 s on one CPU thread."""
 DATA_FOLDER = "beijing-air-quality"
 _PREFIX = "PRSA_Data_"
 
