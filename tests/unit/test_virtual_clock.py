@@ -6,14 +6,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
-from torch import nn
-from torch.utils.data import Dataset, TensorDataset
 
 from fedmq.aggregator import AggregatorConfig, DownlinkConfig
 from fedmq.codecs import CodecConfig
@@ -24,9 +19,10 @@ from fedmq.sim._report import write_results
 from fedmq.sim.bench import BenchConfig, TaskFactory
 from fedmq.sim.virtual import VirtualConfig, run_virtual
 from fedmq.strategies import StrategyConfig
-from fedmq.tasks import DeviceData, Metric, Task
+from fedmq.tasks import Task
 from fedmq.tasks.fashion_mnist import FmnistSettings, make_task
 from fedmq.transport import TransportConfig
+from tests.sensors import held_out_sizes, sensor_fleet, sensors_task
 
 _SMALL_FMNIST = functools.partial(make_task, FmnistSettings(max_examples=16, eval_examples=500))
 
@@ -137,63 +133,23 @@ def test_virtual_devices_whose_training_diverges_skip_their_updates(data_dir: Pa
     )
 
 
-# A task of our own, with a fleet and no central data: y = 2x + 1 on every device, RMSE.
-_SENSORS = 6
-
-
-def _line(count: int, seed: int) -> TensorDataset:
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.rand(count, 1, generator=generator)  # (count, 1)
-    return TensorDataset(x, 2 * x + 1)
-
-
-def _sensor_fleet(data_dir: Path, devices: int, seed: int) -> Sequence[DeviceData]:
-    del data_dir  # the data is made up
-    # Device i holds 8 + 4i examples; the last one has no held-out data (never scores).
-    return [
-        DeviceData(
-            train=_line(8 + 4 * i, seed * 1000 + i),
-            held_out=_line(0 if i == devices - 1 else 3 + i, seed * 1000 + 500 + i),
-        )
-        for i in range(devices)
-    ]
-
-
-def _rmse(model: nn.Module, data: Dataset[Any]) -> Mapping[str, float]:
-    assert isinstance(data, TensorDataset)
-    x, y = data.tensors
-    return {"rmse": float(torch.sqrt(torch.mean((model(x) - y) ** 2)))}
-
-
-def _sensors_task() -> Task:
-    return Task(
-        name="sensors",
-        model=lambda: nn.Linear(1, 1),
-        load_data=lambda path: _sensor_fleet(path, 1, 0)[0],
-        evaluate=_rmse,
-        target=Metric("rmse", higher_is_better=False, goal=0.05),
-        training=Training(epochs=2, batch_size=4, lr=0.1, loss=nn.functional.mse_loss),
-        fleet=_sensor_fleet,
-    )
-
-
 def test_virtual_task_without_central_data_is_scored_by_its_devices(
     tmp_path: Path,
 ) -> None:
     config = _config(
-        "fedasync", CodecConfig(name="int8"), _sensors_task, participants=_SENSORS, target=None
+        "fedasync", CodecConfig(name="int8"), sensors_task, participants=6, target=None
     )
     run = run_virtual(config, tmp_path)
     assert run["target"] == {"metric": "rmse", "higher_is_better": False, "goal": 0.05}
     assert run["evaluation_source"] == "federated"
     points = run["evaluations"]
-    held_out = [3 + i for i in range(_SENSORS - 1)]
+    held_out = held_out_sizes(6)[:-1]
     assert points and all(
         p["source"] == "federated" and p["devices"] == 5 and p["examples"] == sum(held_out)
         for p in points
     )
     # the first point is the initial model, scored by each device and example-weighted
-    task, fleet = _sensors_task(), _sensor_fleet(tmp_path, _SENSORS, 0)
+    task, fleet = sensors_task(), sensor_fleet(tmp_path, 6, 0)
     model = task.build_model(0)
     scores = [task.score(model, d.held_out)["rmse"] for d in fleet[:-1]]
     expected = sum(n * s for n, s in zip(held_out, scores, strict=True)) / sum(held_out)

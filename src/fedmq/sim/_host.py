@@ -190,7 +190,7 @@ def _snapshot(stats: Any, keyframes: int, deltas: int) -> dict[str, Any]:
         "deltas": deltas,
         "buffered": stats.buffered,
         "participants": len(stats.participants),
-        "evaluations": [dataclasses.asdict(p) for p in stats.evaluations],
+        "eval_points": [dataclasses.asdict(p) for p in stats.evaluations],
         "eval_reports": stats.eval_reports,
         "eval_rejected": dict(stats.eval_rejected),
         "model_collapses": stats.health.collapses,

@@ -373,7 +373,7 @@ def stats_from_snapshot(doc: dict[str, Any], t0: float, target: Metric) -> Aggre
     stats.bytes_out = doc["bytes_out"]
     stats.models_published = doc["models_published"]
     stats.buffered = doc["buffered"]
-    stats.evaluations = [EvalPoint(**p) for p in doc["evaluations"]]
+    stats.evaluations = [EvalPoint(**p) for p in doc["eval_points"]]
     return stats
 
 
