@@ -56,3 +56,7 @@ def sensors_task() -> Task:
         training=Training(epochs=2, batch_size=4, lr=0.1, loss=nn.functional.mse_loss),
         fleet=sensor_fleet,
     )
+
+
+task = sensors_task()
+"""The task object, for ``fedmq bench --task tests/sensors.py:task``."""

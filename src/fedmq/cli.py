@@ -184,7 +184,13 @@ _BENCH = [
         "amqp://guest:guest@127.0.0.1:5672/",
         "broker URL (bench: the local RabbitMQ by default)",
     ),
-    Option("devices", int, 50, "bench: devices in the fleet (N)"),
+    Option(
+        "devices",
+        int,
+        None,
+        "bench: devices in the fleet, N (default: fmnist 50 as BENCHMARK.md, other tasks"
+        " their own fleet)",
+    ),
     Option("concurrency", int, 10, "bench: devices training at the same time (C)"),
     next(option for option in _DEMO if option.name == "target"),
     Option("max_seconds", float, 600.0, "stop after this many seconds regardless"),
@@ -677,8 +683,11 @@ def _bench_parts(v: Values) -> dict[str, Any]:
     from fedmq.data import resolve_data_dir
     from fedmq.sim._fleet import FleetProtocol
 
+    devices = v["devices"]
+    if devices is None:  # BENCHMARK.md's 50 for fmnist; any other task its own fleet
+        devices = FleetProtocol().participants if v["task"] == "fmnist" else 0
     protocol = FleetProtocol(
-        participants=v["devices"],
+        participants=devices,
         dirichlet_alpha=v["dirichlet_alpha"],
         seed=v["seed"],
         speed_sigma=v["speed_sigma"],

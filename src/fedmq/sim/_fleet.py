@@ -28,7 +28,8 @@ class FleetProtocol:
 
     Device ``i`` waits ``speed[i] * delay_unit_s`` after training before it publishes,
     is online for ``Exp(mean_online_s)`` then offline for ``Exp(mean_offline_s)``, in
-    turn, from t = 0; at most ``concurrency`` devices train at once. A run stops when the
+    turn, from t = 0; at most ``concurrency`` devices train at once. ``participants`` 0:
+    as many devices as the task's own fleet has (``Task.fleet(..., 0, ...)``). A run stops when the
     task's target metric reaches ``target`` (None: the metric's goal, fmnist accuracy
     0.80) or after ``max_seconds``. ``seed`` is given to ``Task.fleet``;
     ``dirichlet_alpha`` is the label skew of the fmnist split (the CLI gives the task the
@@ -47,8 +48,8 @@ class FleetProtocol:
     max_seconds: float = 600.0
 
     def __post_init__(self) -> None:
-        if self.participants < 1:
-            raise ConfigError(f"participants: {self.participants} must be >= 1")
+        if self.participants < 0:
+            raise ConfigError(f"participants: {self.participants} must be >= 0 (0: the task's)")
         if not self.dirichlet_alpha > 0:
             raise ConfigError(f"dirichlet_alpha: {self.dirichlet_alpha} must be > 0")
         if self.speed_sigma < 0 or self.delay_unit_s < 0:

@@ -71,17 +71,20 @@ class BenchConfig:
     partition: str = "dirichlet"
 
 
-def fleet_of(task: Task, data_dir: Path, protocol: FleetProtocol) -> list[DeviceData]:
-    """The devices' data of ``task`` for ``protocol``'s fleet; one device per entry."""
+def fleet_of(
+    task: Task, data_dir: Path, protocol: FleetProtocol
+) -> tuple[list[DeviceData], FleetProtocol]:
+    """The devices' data of ``task`` for ``protocol``'s fleet (one device per entry), and
+    the protocol with its fleet size (``participants`` 0: the task's own)."""
     if task.fleet is None:
         raise ConfigError(f"task: {task.name!r} has no fleet to simulate (Task.fleet)")
     fleet = list(task.fleet(data_dir, protocol.participants, protocol.seed))
-    if len(fleet) != protocol.participants:
+    if not fleet or (protocol.participants and len(fleet) != protocol.participants):
         raise ConfigError(
-            f"devices: task {task.name!r} has a fleet of {len(fleet)} devices,"
-            f" not {protocol.participants}; give --devices {len(fleet)}"
+            f"devices: task {task.name!r} gave a fleet of {len(fleet)} devices,"
+            f" not {protocol.participants or 'one or more'}"
         )
-    return fleet
+    return fleet, dataclasses.replace(protocol, participants=len(fleet))
 
 
 def _fleet_eval(config: AggregatorConfig, task: Task, fleet: list[DeviceData]) -> AggregatorConfig:
@@ -117,8 +120,10 @@ async def run_bench(
 ) -> dict[str, Any]:
     """Run one configuration to the target (or the time limit); return its report dict."""
     console = console or Console()
-    proto = config.protocol
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
+    task = config.task()
+    fleet, proto = fleet_of(task, data_dir, config.protocol)
+    config = dataclasses.replace(config, protocol=proto)
     loop = asyncio.get_running_loop()
     # Every device trains and decodes in worker threads: more than the default 6 workers,
     # or decoding a model would queue behind up to `concurrency` trainings.
@@ -126,9 +131,7 @@ async def run_bench(
         concurrent.futures.ThreadPoolExecutor(max_workers=proto.concurrency + 32)
     )
     torch.set_num_threads(1)
-    task = config.task()
     goal = proto.goal(task.target)
-    fleet = fleet_of(task, data_dir, proto)
     aggregator = _fleet_eval(config.aggregator, task, fleet)
     speeds = speed_factors(proto.participants, proto.speed_sigma)
     sync = config.aggregator.strategy.name == "fedavg"

@@ -103,11 +103,10 @@ class _Sim:
     def __init__(self, config: VirtualConfig, task: Task, data_dir: Path) -> None:
         self.config = config
         bench = config.bench
-        proto = bench.protocol
-        self.proto = proto
         self.task = task
+        fleet, proto = fleet_of(task, data_dir, bench.protocol)
+        self.proto = proto
         self.goal = proto.goal(task.target)
-        fleet = fleet_of(task, data_dir, proto)
         speeds = speed_factors(proto.participants, proto.speed_sigma)
         width = len(str(proto.participants - 1))
         self.devices = [
@@ -459,7 +458,7 @@ def _report(
     config: VirtualConfig, sim: _Sim, wall_s: float, setup_s: float, events: int
 ) -> dict[str, Any]:
     bench = config.bench
-    proto = bench.protocol
+    proto = sim.proto
     # An evaluation without metrics: no device had held-out data to score with.
     scored = [i for i, p in enumerate(sim.stats.evaluations) if p.metrics]
     points = [dataclasses.asdict(sim.stats.evaluations[i]) for i in scored]
@@ -553,8 +552,9 @@ async def run_virtual_command(base: BenchConfig, data_dir: Path, out: Path) -> i
     console = Console()
     config = VirtualConfig(bench=base)
     proto = base.protocol
+    fleet = proto.participants or "the task's"
     console.print(
-        f"fedmq bench --virtual: {proto.participants} devices, strategy"
+        f"fedmq bench --virtual: {fleet} devices, strategy"
         f" {base.aggregator.strategy.name}, codec {base.participant.codec.name},"
         f" up to {proto.max_seconds:.0f} simulated s"
     )
