@@ -14,7 +14,7 @@ from torch.utils.data import Dataset, TensorDataset
 from fedmq.models import Training
 from fedmq.tasks import DeviceData, Metric, Task
 
-__all__ = ["held_out_sizes", "sensor_fleet", "sensors_task"]
+__all__ = ["DEVICES", "held_out_sizes", "sensor_fleet", "sensors_task"]
 
 
 def _line(count: int, seed: int) -> TensorDataset:
@@ -23,14 +23,19 @@ def _line(count: int, seed: int) -> TensorDataset:
     return TensorDataset(x, 2 * x + 1)
 
 
+DEVICES = 6
+"""The fleet's own size (``Task.fleet`` with ``devices`` 0)."""
+
+
 def held_out_sizes(devices: int) -> list[int]:
     """Device i holds 3 + i held-out examples; the last one none (it never scores)."""
     return [0 if i == devices - 1 else 3 + i for i in range(devices)]
 
 
 def sensor_fleet(data_dir: Path, devices: int, seed: int) -> Sequence[DeviceData]:
-    """``Task.fleet``: device i trains on 8 + 4i examples."""
+    """``Task.fleet``: device i trains on 8 + 4i examples; ``devices`` 0: ``DEVICES``."""
     del data_dir  # the data is made up
+    devices = devices or DEVICES
     return [
         DeviceData(
             train=_line(8 + 4 * i, seed * 1000 + i), held_out=_line(n, seed * 1000 + 500 + i)

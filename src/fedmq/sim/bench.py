@@ -123,7 +123,9 @@ async def run_bench(
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
     task = config.task()
     fleet, proto = fleet_of(task, data_dir, config.protocol)
-    config = dataclasses.replace(config, protocol=proto)
+    config = dataclasses.replace(
+        config, protocol=proto, aggregator=_fleet_eval(config.aggregator, task, fleet)
+    )
     loop = asyncio.get_running_loop()
     # Every device trains and decodes in worker threads: more than the default 6 workers,
     # or decoding a model would queue behind up to `concurrency` trainings.
@@ -132,12 +134,14 @@ async def run_bench(
     )
     torch.set_num_threads(1)
     goal = proto.goal(task.target)
-    aggregator = _fleet_eval(config.aggregator, task, fleet)
     speeds = speed_factors(proto.participants, proto.speed_sigma)
     sync = config.aggregator.strategy.name == "fedavg"
     separate = config.transport.scheme != "memory"
     spec = HostSpec(
-        aggregator=aggregator, transport=config.transport, task=config.task, data_dir=data_dir
+        aggregator=config.aggregator,
+        transport=config.transport,
+        task=config.task,
+        data_dir=data_dir,
     )
     full_model_bytes = _full_model_bytes(task)
     slots = asyncio.Semaphore(proto.concurrency)

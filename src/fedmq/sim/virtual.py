@@ -9,9 +9,10 @@ envelope), ``decode_update`` + ``materialize``, the strategy, the downlink delta
 
 Modelled, not measured (stated in the report):
 
-- training takes ``train_s_per_example`` x examples of simulated time (default:
-  what one core of this machine takes for cnn-s, 0.13 ms per example: 0.156 s for
-  1,200 examples, batch 32, measured with ``train_local`` on one thread), at
+- training takes ``train_s_per_example`` x examples of simulated time for any task
+  (default: what one core of this machine takes for fmnist's cnn-s, 0.13 ms per
+  example: 0.156 s for 1,200 examples, batch 32, measured with ``train_local`` on one
+  thread), at
   most ``concurrency`` devices at once, then the device waits speed_i x
   delay_unit before it publishes, as in the real fleet;
 - delivery is instant: an online device holds the newest model; a device coming
