@@ -28,8 +28,9 @@ BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 def _suite(folder: Path, prefix: str) -> list[str]:
     doc = json.loads((folder / "report.json").read_text())
     runs: list[dict[str, Any]] = doc["runs"]
+    metric = runs[0]["target"]["metric"]
     PLOTS.mkdir(parents=True, exist_ok=True)
-    for name in ("accuracy_time.png", "accuracy_uplink.png", "staleness.png"):
+    for name in (f"{metric}_time.png", f"{metric}_uplink.png", "staleness.png"):
         shutil.copy(folder / name, PLOTS / f"{prefix}{name}")
     lines = [
         f"### Fleet: `fedmq bench --suite` ({runs[0]['date']} to {runs[-1]['date']},"
@@ -50,9 +51,9 @@ def _suite(folder: Path, prefix: str) -> list[str]:
     lines.append("")
     lines += [*results_table(runs), "", *cost_table(runs), "", *protocol_lines(runs), ""]
     lines += [
-        f"![test accuracy over wall time](benchmarks/{prefix}accuracy_time.png)",
+        f"![{metric} over wall time](benchmarks/{prefix}{metric}_time.png)",
         "",
-        f"![test accuracy over uplink bytes](benchmarks/{prefix}accuracy_uplink.png)",
+        f"![{metric} over uplink bytes](benchmarks/{prefix}{metric}_uplink.png)",
         "",
         f"![staleness of applied updates](benchmarks/{prefix}staleness.png)",
         "",
@@ -81,13 +82,13 @@ def _virtual(folder: Path) -> list[str]:
         "",
         "| devices | strategy | codec | simulated s | wall s | device-seconds / wall s"
         " | updates published / wall s | updates applied / wall s | too stale"
-        " | best accuracy | time to target (simulated) |",
+        f" | best {run['target']['metric']} | time to target (simulated) |",
         "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         f"| {s['devices']:,} | {run['strategy']} | {run['codec']} | {s['simulated_s']:.1f}"
         f" | {s['wall_s']:.1f} | {s['device_seconds_per_wall_s']:,.0f}"
         f" | {s['updates_published_per_wall_s']:,.1f} | {s['updates_applied_per_wall_s']:,.1f}"
         f" | {run['dropped']['too_stale']:,} of {run['received']:,}"
-        f" | {run['best_accuracy']:.4f}"
+        f" | {run['best']:.4f}"
         f" | {run['time_to_target_s'] if run['time_to_target_s'] is not None else 'not reached'} |",
         "",
     ]

@@ -6,6 +6,7 @@ No timed assertions: only that the report is produced and its numbers agree.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from fedmq.sim._fleet import FleetProtocol
 from fedmq.sim._report import write_results
 from fedmq.sim.bench import BenchConfig, run_bench
 from fedmq.strategies import FedAvgConfig, FedBuffConfig, StrategyConfig
+from fedmq.tasks.fashion_mnist import FmnistSettings, make_task
 from fedmq.transport import TransportConfig
+from tests.sensors import sensors_task
 
 pytestmark = [pytest.mark.amqp, pytest.mark.slow]
 
@@ -26,13 +29,15 @@ pytestmark = [pytest.mark.amqp, pytest.mark.slow]
 def _config(amqp_url: str, job: str, strategy: str, codec: CodecConfig) -> BenchConfig:
     return BenchConfig(
         label=f"{strategy}-{codec.name}",
+        # a picklable factory: the aggregator's own process builds its task with it
+        task=functools.partial(make_task, FmnistSettings(max_examples=150, eval_examples=500)),
         protocol=FleetProtocol(
             participants=5,
             concurrency=2,
             delay_unit_s=0.2,
             mean_online_s=6.0,
             mean_offline_s=1.5,
-            target_accuracy=0.5,
+            target=0.5,
             max_seconds=8.0,
         ),
         aggregator=AggregatorConfig(
@@ -42,14 +47,12 @@ def _config(amqp_url: str, job: str, strategy: str, codec: CodecConfig) -> Bench
                 fedavg=FedAvgConfig(clients_per_round=2),
             ),
             eval_every=1,
-            eval_examples=500,
             downlink=DownlinkConfig(codec=CodecConfig(name="int4"), keyframe_every=4)
             if strategy != "fedavg"
             else DownlinkConfig(),
         ),
         transport=TransportConfig(url=amqp_url, job=f"{job}-{strategy}"),
         participant=ParticipantConfig(participant_id="template", state_dir=Path("."), codec=codec),
-        max_examples=150,
     )
 
 
@@ -73,8 +76,10 @@ def _check(run: dict[str, Any], config: BenchConfig) -> None:
     assert run["keyframes"] + run["deltas"] == run["models_published"]
     assert run["downlink_messages"] > 0
     assert run["downlink_bytes"] <= run["downlink_float32_bytes"]
-    points = run["accuracy"]
-    assert points and all(0.0 <= p["accuracy"] <= 1.0 for p in points)
+    assert run["target"] == {"metric": "accuracy", "higher_is_better": True, "goal": 0.5}
+    points = run["evaluations"]
+    assert points and all(p["source"] == "central" for p in points)
+    assert all(0.0 <= p["metrics"]["accuracy"] <= 1.0 for p in points)
     assert [p["bytes_in"] for p in points] == sorted(p["bytes_in"] for p in points)
     if run["reached_target"]:
         assert run["uplink_bytes_to_target"] <= run["uplink_bytes"]
@@ -95,7 +100,7 @@ async def test_bench_fleet_on_rabbitmq(
         ("fedavg", CodecConfig(name="float32")),
     ):
         config = _config(amqp_url, job, strategy, codec)
-        run = await run_bench(config, str(data_dir), tmp_path / strategy)
+        run = await run_bench(config, data_dir, tmp_path / strategy)
         _check(run, config)
         runs.append(run)
     fedbuff, fedavg = runs
@@ -108,3 +113,30 @@ async def test_bench_fleet_on_rabbitmq(
     assert (tmp_path / "report.md").read_text().count("| fed") >= 4
     for name in ("accuracy_time.png", "accuracy_uplink.png", "staleness.png", "report.json"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+async def test_bench_task_without_central_data_stops_on_the_devices_reports(
+    amqp_url: str, job: str, tmp_path: Path
+) -> None:
+    # The aggregator's process builds the task from the picklable factory; with no
+    # central held-out set it records the devices' reports (federated evaluations).
+    config = dataclasses.replace(
+        _config(amqp_url, job, "fedasync", CodecConfig(name="float32")),
+        label="sensors",
+        task=sensors_task,
+        participant=ParticipantConfig(participant_id="template", state_dir=Path("."), eval_every=1),
+    )
+    config = dataclasses.replace(
+        config,
+        protocol=dataclasses.replace(config.protocol, participants=6, target=None),
+        aggregator=dataclasses.replace(config.aggregator, downlink=DownlinkConfig()),
+    )
+    run = await run_bench(config, tmp_path, tmp_path / "sensors")
+    assert run["target"] == {"metric": "rmse", "higher_is_better": False, "goal": 0.05}
+    assert run["evaluation_source"] == "federated"
+    points = run["evaluations"]
+    assert points and all(p["source"] == "federated" and p["devices"] == 5 for p in points)
+    assert run["eval_reports"] >= len(points)
+    assert run["received"] == run["applied"] + sum(run["dropped"]["by_reason"].values())
+    write_results(tmp_path, [run], title="sensors")
+    assert (tmp_path / "rmse_time.png").stat().st_size > 0

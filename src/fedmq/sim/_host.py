@@ -18,6 +18,7 @@ import resource
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,8 @@ class HostSpec:
 
     aggregator: Any  # AggregatorConfig (kept Any: this module imports nothing heavy)
     transport: Any  # TransportConfig
-    data_dir: str | None
+    task: Callable[[], Any]  # builds the Task in the aggregator's process (picklable)
+    data_dir: Path  # the task's central held-out data, if it has any, is read from here
     snapshot_every_s: float = 0.25
 
 
@@ -93,14 +95,16 @@ def _child_main(spec: HostSpec, conn: multiprocessing.connection.Connection) -> 
 async def _serve(spec: HostSpec, link: _Link, *, separate: bool) -> None:
     from fedmq.aggregator import Aggregator, AggregatorStats
     from fedmq.aggregator.main import make_evaluator
-    from fedmq.models import build_model, get_params
+    from fedmq.models import get_params
     from fedmq.transport import connect_aggregator
 
     config = spec.aggregator
-    evaluator = make_evaluator(config, spec.data_dir)
+    task = spec.task()
+    central = task.central_data(spec.data_dir) if task.central_data else None
+    evaluator = make_evaluator(config, task, central)
     eval_cpu = [0.0, 0]
 
-    def timed_eval(params: Mapping[str, np.ndarray]) -> tuple[float, float]:
+    def timed_eval(params: Mapping[str, np.ndarray]) -> dict[str, float]:
         assert evaluator is not None
         start = time.thread_time()
         result = evaluator(params)
@@ -108,14 +112,19 @@ async def _serve(spec: HostSpec, link: _Link, *, separate: bool) -> None:
         eval_cpu[1] += 1
         return result
 
-    initial = get_params(build_model(config.model, seed=config.seed))
-    stats = AggregatorStats()
+    initial = get_params(task.build_model(config.seed))
+    stats = AggregatorStats(target=task.target)
     cpu0 = time.process_time()
     rss0 = _rss()
     rss_peak = [rss0]
     async with connect_aggregator(spec.transport) as transport, asyncio.TaskGroup() as tg:
         aggregator = Aggregator(
-            config, transport, initial, evaluate=timed_eval if evaluator else None, stats=stats
+            config,
+            transport,
+            initial,
+            evaluate=timed_eval if evaluator else None,
+            target=task.target,
+            stats=stats,
         )
         run = tg.create_task(aggregator.run(tg), name="aggregator")
         # The first model is out once the counter moves; the service offers no event for it.
@@ -125,6 +134,7 @@ async def _serve(spec: HostSpec, link: _Link, *, separate: bool) -> None:
 
         def snapshot(final: bool) -> Message:
             doc = _snapshot(stats, aggregator.downlink.keyframes, aggregator.downlink.deltas)
+            doc["central_examples"] = len(central) if central is not None else 0
             if separate:
                 rss_peak[0] = max(rss_peak[0], _rss())
                 doc["cpu_s"] = time.process_time() - cpu0
@@ -180,7 +190,9 @@ def _snapshot(stats: Any, keyframes: int, deltas: int) -> dict[str, Any]:
         "deltas": deltas,
         "buffered": stats.buffered,
         "participants": len(stats.participants),
-        "accuracy": [dataclasses.asdict(p) for p in stats.accuracy],
+        "eval_points": [dataclasses.asdict(p) for p in stats.evaluations],
+        "eval_reports": stats.eval_reports,
+        "eval_rejected": dict(stats.eval_rejected),
         "model_collapses": stats.health.collapses,
         "model_collapsing": stats.health.collapsing,
     }

@@ -12,28 +12,43 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-__all__ = ["target_fields", "write_results"]
+from fedmq.aggregator import EvalPoint
+from fedmq.sim._plots import plot_metric
+from fedmq.tasks import Metric
+
+__all__ = ["metric_of", "target_fields", "write_results"]
 
 Run = dict[str, Any]
 
 
-def target_fields(points: Sequence[Run], target: float) -> tuple[Run | None, Run]:
-    """The first evaluation at ``target`` (None if none), and the report fields it decides.
+def target_fields(points: Sequence[Run], metric: Metric, goal: float) -> tuple[Run | None, Run]:
+    """The first evaluation (an ``EvalPoint`` as a dict) whose ``metric`` reaches ``goal``
+    (None if none), and the report fields it decides.
 
     A run stops at the target, so its final model is the one that reached it: an
     evaluation that finished between that one and the stop is not "final".
     """
-    hit = next((p for p in points if p["accuracy"] >= target), None)
-    last = hit or (points[-1] if points else None)
+    name = metric.name
+    scored = [p for p in points if name in p["metrics"]]
+    hit = next((p for p in scored if metric.reached(p["metrics"][name], goal)), None)
+    last = hit or (scored[-1] if scored else None)
+    values = [p["metrics"][name] for p in scored]
     return hit, {
         "reached_target": hit is not None,
-        "target_accuracy": target,
+        "target": {"metric": name, "higher_is_better": metric.higher_is_better, "goal": goal},
+        "evaluation_source": points[-1]["source"] if points else None,
         "time_to_target_s": hit["elapsed_s"] if hit else None,
         "updates_to_target": hit["applied"] if hit else None,
         "uplink_bytes_to_target": hit["bytes_in"] if hit else None,
-        "final_accuracy": last["accuracy"] if last else None,
-        "best_accuracy": max((p["accuracy"] for p in points), default=None),
+        "final": last["metrics"][name] if last else None,
+        "best": (max if metric.higher_is_better else min)(values) if values else None,
     }
+
+
+def metric_of(run: Run) -> Metric:
+    """The target metric a report was measured against."""
+    target = run["target"]
+    return Metric(target["metric"], higher_is_better=target["higher_is_better"])
 
 
 def _num(value: float | int | None, fmt: str = ",.0f", unit: str = "") -> str:
@@ -56,10 +71,11 @@ def results_table(runs: Sequence[Run]) -> list[str]:
         for r in runs
         if r["codec"] == "float32" and r.get("uplink_bytes_to_target")
     }
+    name = runs[0]["target"]["metric"] if runs else "value"
     lines = [
         "| configuration | reached | time to target | updates to target | uplink to target"
-        " | vs float32 | downlink to target | float32 downlink | saved | final acc | best acc"
-        " | wall time |",
+        f" | vs float32 | downlink to target | float32 downlink | saved | final {name}"
+        f" | best {name} | wall time |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
@@ -72,7 +88,7 @@ def results_table(runs: Sequence[Run]) -> list[str]:
             f" | {_num(r['downlink_bytes_to_target'])}"
             f" | {_num(r['downlink_float32_bytes_to_target'])}"
             f" | {_ratio(r['downlink_float32_bytes_to_target'], r['downlink_bytes_to_target'])}"
-            f" | {_num(r['final_accuracy'], '.4f')} | {_num(r['best_accuracy'], '.4f')}"
+            f" | {_num(r['final'], '.4f')} | {_num(r['best'], '.4f')}"
             f" | {_num(r['wall_time_s'], '.1f', ' s')} |"
         )
     return lines
@@ -107,25 +123,33 @@ def protocol_lines(runs: Sequence[Run]) -> list[str]:
     settings = first["settings"]
     strategy = settings["strategy"]
     fedasync_s = strategy["fedasync"]["staleness"]
+    target = first["target"]
+    where = "test" if first.get("evaluation_source") == "central" else "fleet"
+    split = (
+        f"{settings['partition']} split, Dirichlet alpha {proto['dirichlet_alpha']}"
+        if settings["task"] == "fmnist"
+        else "the task's own split"
+    )
     lines = [
         'Protocol values used (BENCHMARK.md "fmnist-fleet" unless overridden):',
         "",
-        f"- fleet: N = {proto['participants']}, Dirichlet alpha {proto['dirichlet_alpha']},"
+        f"- fleet: task {settings['task']}, N = {proto['participants']}, {split},"
         f" seed {proto['seed']}, speeds lognormal(0, {proto['speed_sigma']}) from default_rng(0),"
         f" publish delay s_i x {proto['delay_unit_s']} s, online Exp({proto['mean_online_s']} s)"
         f" / offline Exp({proto['mean_offline_s']} s) from default_rng([1, i]),"
         f" concurrency C = {proto['concurrency']}",
-        f"- stop: test accuracy {proto['target_accuracy']} or {proto['max_seconds']:.0f} s",
-        f"- local work: model {settings['model']}, {settings['epochs']} epoch, batch"
-        f" {settings['batch_size']}, SGD lr {settings['lr']}; partition {settings['partition']}",
+        f"- stop: {where} {target['metric']} {target['goal']}"
+        f" ({'higher' if target['higher_is_better'] else 'lower'} is better)"
+        f" or {proto['max_seconds']:.0f} s",
+        f"- local work: model {settings['model']}, {settings['epochs']} epoch(s), batch"
+        f" {settings['batch_size']}, {settings['optimizer']} lr {settings['lr']}",
         f"- FedAsync alpha {strategy['fedasync']['alpha']}, staleness"
         f" {fedasync_s['function']} a = {fedasync_s['a']};"
         f" FedBuff K = {strategy['fedbuff']['buffer_size']}, server lr"
         f" {strategy['fedbuff']['server_lr']}, {strategy['fedbuff']['server_optimizer']};"
         f" FedAvg C = {strategy['fedavg']['clients_per_round']}; max staleness"
         f" {strategy['max_staleness']}",
-        f"- evaluation: every {settings['eval_every']} version(s) (latest wins, one at a time)"
-        f" on {settings['eval_examples']} test images; prefetch {settings['prefetch']}",
+        f"- evaluation: {settings['evaluation']}; prefetch {settings['prefetch']}",
         f"- downlink: {_downlink_text(settings['downlink'])}",
         f"- broker: {first['broker']}; aggregator cost: {first['aggregator_cost']['measured']}",
     ]
@@ -160,6 +184,7 @@ def write_markdown(path: Path, runs: Sequence[Run], title: str, extra: Sequence[
     lines = [f"# {title}", "", f"Runs finished {dates}.", ""]
     lines += [*extra]
     lines += ["## Time, updates and bytes to the target", "", *results_table(runs), ""]
+    name = runs[0]["target"]["metric"]
     lines += [
         "Uplink: update bytes received by the aggregator up to the evaluated model that"
         " reached the target. Downlink: model bytes delivered to all devices up to the"
@@ -172,42 +197,29 @@ def write_markdown(path: Path, runs: Sequence[Run], title: str, extra: Sequence[
         "",
         *protocol_lines(runs),
         "",
-        "Plots: `accuracy_time.png` (test accuracy over wall time), `accuracy_uplink.png`"
-        " (test accuracy over uplink bytes), `staleness.png` (staleness of applied updates).",
+        f"Plots: `{name}_time.png` ({name} over wall time), `{name}_uplink.png`"
+        f" ({name} over uplink bytes), `staleness.png` (staleness of applied updates).",
         "",
     ]
     path.write_text("\n".join(lines))
 
 
-def plot_accuracy_time(path: Path, runs: Sequence[Run], target: float) -> None:
+def plot_metric_uplink(path: Path, runs: Sequence[Run], metric: Metric, goal: float) -> None:
+    """``metric`` over the uplink bytes the aggregator had received, one line per run."""
+    name = metric.name
     fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
     for r in runs:
-        pts = r["accuracy"]
-        ax.plot([p["elapsed_s"] for p in pts], [p["accuracy"] for p in pts], label=r["label"])
-    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}")
-    ax.set_xlabel("wall time (s)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0.0, 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_accuracy_uplink(path: Path, runs: Sequence[Run], target: float) -> None:
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
-    for r in runs:
-        pts = [p for p in r["accuracy"] if p["bytes_in"] > 0]
-        ax.plot([p["bytes_in"] for p in pts], [p["accuracy"] for p in pts], label=r["label"])
-    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target}")
-    if any(p["bytes_in"] > 0 for r in runs for p in r["accuracy"]):
+        pts = [p for p in r["evaluations"] if p["bytes_in"] > 0 and name in p["metrics"]]
+        ax.plot([p["bytes_in"] for p in pts], [p["metrics"][name] for p in pts], label=r["label"])
+    ax.axhline(goal, color="grey", linestyle="--", linewidth=1, label=f"target {goal}")
+    if any(p["bytes_in"] > 0 for r in runs for p in r["evaluations"]):
         ax.set_xscale("log")
     ax.set_xlabel("uplink bytes received by the aggregator (log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0.0, 1.0)
+    ax.set_ylabel(name)
+    if name == "accuracy":
+        ax.set_ylim(0.0, 1.0)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="lower right" if metric.higher_is_better else "upper right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -234,12 +246,16 @@ def plot_staleness(path: Path, runs: Sequence[Run]) -> None:
 def write_results(
     out: Path, runs: Sequence[Run], *, title: str, extra: Sequence[str] = (), summary: Any = None
 ) -> None:
-    """Write report.json, report.md and the three plots for ``runs`` into ``out``."""
+    """Write report.json, report.md and the three plots for ``runs`` into ``out``:
+    ``<metric>_time.png``, ``<metric>_uplink.png`` (the target metric's name) and
+    ``staleness.png``."""
     out.mkdir(parents=True, exist_ok=True)
-    target = runs[0]["target_accuracy"]
+    metric = metric_of(runs[0])
+    goal = runs[0]["target"]["goal"]
     document = {"title": title, "summary": summary, "runs": list(runs)}
     (out / "report.json").write_text(json.dumps(document, indent=2))
     write_markdown(out / "report.md", runs, title, extra)
-    plot_accuracy_time(out / "accuracy_time.png", runs, target)
-    plot_accuracy_uplink(out / "accuracy_uplink.png", runs, target)
+    curves = {r["label"]: [EvalPoint(**p) for p in r["evaluations"]] for r in runs}
+    plot_metric(curves, out / f"{metric.name}_time.png", metric, target=goal)
+    plot_metric_uplink(out / f"{metric.name}_uplink.png", runs, metric, goal)
     plot_staleness(out / "staleness.png", runs)

@@ -1,7 +1,8 @@
-"""``fedmq bench``: fleet time-to-accuracy through a real broker (BENCHMARK.md).
+"""``fedmq bench``: fleet time-to-target through a real broker (BENCHMARK.md).
 
 One run drives the real participant runtime (``fedmq.participant``) for every
-device of the fleet, in this process, through the broker of ``--broker``
+device of the task's fleet (``Task.fleet``: Fashion-MNIST shards by default), in this
+process, through the broker of ``--broker``
 (RabbitMQ by default); the aggregator runs in a process of its own so that its
 CPU time and peak memory are measured alone (with the embedded ``memory://``
 broker it shares this process). The fleet follows ``FleetProtocol``: per-device
@@ -11,6 +12,10 @@ devices training at once. Synchronous FedAvg is driven from here: each round
 picks its participants (``RoundPicker``), tells the aggregator the round's size
 (``Aggregator.set_round``, which closes a short round with ``Strategy.flush``)
 and asks those devices to train once on the round's model.
+
+The run stops when the task's target metric reaches the goal, as the aggregator
+measures it on the task's central held-out set, or, for a task without one, as the
+devices' evaluation reports say (the aggregator's federated evaluations).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import dataclasses
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,34 +37,64 @@ import torch
 from rich.console import Console
 from rich.live import Live
 
-from fedmq.aggregator import AccuracyPoint, AggregatorConfig, AggregatorStats
+from fedmq.aggregator import AggregatorConfig, AggregatorStats, EvalPoint
 from fedmq.codecs import CodecConfig, encode_params
-from fedmq.data import load_fashion_mnist, resolve_data_dir, to_tensors
-from fedmq.errors import FedmqError
-from fedmq.models import build_model, get_params
+from fedmq.errors import ConfigError, FedmqError
+from fedmq.models import get_params
 from fedmq.participant import Participant, ParticipantConfig
-from fedmq.participant.main import split
 from fedmq.sim._display import progress_line, progress_table
 from fedmq.sim._fleet import FleetProtocol, RoundPicker, online_periods, speed_factors
 from fedmq.sim._host import AggregatorHost, HostSpec
 from fedmq.sim._report import target_fields
+from fedmq.tasks import DeviceData, Metric, Task
 from fedmq.transport import ParticipantTransport, TransportConfig, connect_participant
 from fedmq.wire import ModelEnvelope, encode_model
 
-__all__ = ["BenchConfig", "run_bench"]
+__all__ = ["BenchConfig", "TaskFactory", "fleet_of", "run_bench", "settings_of"]
+
+TaskFactory = Callable[[], Task]
+"""Builds the benchmark's task. Picklable (a module-level function, or a
+``functools.partial`` of one): the aggregator's own process builds its task with it."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
-    """One benchmark configuration: the fleet, the aggregator, the devices, the broker."""
+    """One benchmark configuration: the task, the fleet, the aggregator, the devices,
+    the broker. ``partition``: the fmnist split's kind, for the report (the task has it)."""
 
     label: str
+    task: TaskFactory
     protocol: FleetProtocol
     aggregator: AggregatorConfig
     transport: TransportConfig
     participant: ParticipantConfig  # template; id, state_dir and publish delay set per device
     partition: str = "dirichlet"
-    max_examples: int = 0  # per device, 0 = its whole shard (small test fleets only)
+
+
+def fleet_of(
+    task: Task, data_dir: Path, protocol: FleetProtocol
+) -> tuple[list[DeviceData], FleetProtocol]:
+    """The devices' data of ``task`` for ``protocol``'s fleet (one device per entry), and
+    the protocol with its fleet size (``participants`` 0: the task's own)."""
+    if task.fleet is None:
+        raise ConfigError(f"task: {task.name!r} has no fleet to simulate (Task.fleet)")
+    fleet = list(task.fleet(data_dir, protocol.participants, protocol.seed))
+    if not fleet or (protocol.participants and len(fleet) != protocol.participants):
+        raise ConfigError(
+            f"devices: task {task.name!r} gave a fleet of {len(fleet)} devices,"
+            f" not {protocol.participants or 'one or more'}"
+        )
+    return fleet, dataclasses.replace(protocol, participants=len(fleet))
+
+
+def _fleet_eval(config: AggregatorConfig, task: Task, fleet: list[DeviceData]) -> AggregatorConfig:
+    """``config`` as the benchmark runs it: without a central held-out set, a fleet value
+    is recorded only once every device that can score has reported (as ``fedmq demo``)."""
+    if task.central_data is not None and config.eval_every:
+        return config
+    scoring = sum(1 for d in fleet if len(d.held_out) > 0)  # type: ignore[arg-type,misc]
+    fed_eval = dataclasses.replace(config.fed_eval, min_devices=max(1, scoring))
+    return dataclasses.replace(config, fed_eval=fed_eval)
 
 
 @dataclass
@@ -80,12 +116,16 @@ class _Tick:
 
 
 async def run_bench(
-    config: BenchConfig, data_dir: str | None, out: Path, console: Console | None = None
+    config: BenchConfig, data_dir: Path, out: Path, console: Console | None = None
 ) -> dict[str, Any]:
     """Run one configuration to the target (or the time limit); return its report dict."""
     console = console or Console()
-    proto = config.protocol
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
+    task = config.task()
+    fleet, proto = fleet_of(task, data_dir, config.protocol)
+    config = dataclasses.replace(
+        config, protocol=proto, aggregator=_fleet_eval(config.aggregator, task, fleet)
+    )
     loop = asyncio.get_running_loop()
     # Every device trains and decodes in worker threads: more than the default 6 workers,
     # or decoding a model would queue behind up to `concurrency` trainings.
@@ -93,15 +133,17 @@ async def run_bench(
         concurrent.futures.ThreadPoolExecutor(max_workers=proto.concurrency + 32)
     )
     torch.set_num_threads(1)
-    train, _ = load_fashion_mnist(resolve_data_dir(data_dir))
-    shards = split(
-        train.labels, config.partition, proto.participants, proto.dirichlet_alpha, proto.seed
-    )
+    goal = proto.goal(task.target)
     speeds = speed_factors(proto.participants, proto.speed_sigma)
     sync = config.aggregator.strategy.name == "fedavg"
     separate = config.transport.scheme != "memory"
-    spec = HostSpec(aggregator=config.aggregator, transport=config.transport, data_dir=data_dir)
-    full_model_bytes = _full_model_bytes(config.aggregator.model)
+    spec = HostSpec(
+        aggregator=config.aggregator,
+        transport=config.transport,
+        task=config.task,
+        data_dir=data_dir,
+    )
+    full_model_bytes = _full_model_bytes(task)
     slots = asyncio.Semaphore(proto.concurrency)
     devices: list[_Device] = []
     ticks: list[_Tick] = []
@@ -111,25 +153,23 @@ async def run_bench(
         f" strategy {config.aggregator.strategy.name},"
         f" codec {_codec_label(config.participant.codec)},"
         f" broker {config.transport.redacted_url}, job {config.transport.job},"
-        f" target {proto.target_accuracy} or {proto.max_seconds:.0f} s"
+        f" task {task.name}, target {task.target.name} {goal} or {proto.max_seconds:.0f} s"
     )
     async with AggregatorHost(spec, separate=separate) as host:
         async with contextlib.AsyncExitStack() as stack:
-            for i, indices in enumerate(shards):
-                pid = f"dev-{i:02d}"
+            width = max(2, len(str(proto.participants - 1)))
+            for i, data in enumerate(fleet):
+                pid = f"dev-{i:0{width}d}"
                 device_config = dataclasses.replace(
                     config.participant,
                     participant_id=pid,
                     state_dir=out / "devices" / pid,
                     publish_delay_s=proto.publish_delay_s(speeds, i),
                 )
-                if config.max_examples:
-                    indices = indices[: config.max_examples]
-                x, y = to_tensors(train, indices)
                 transport = connect_participant(config.transport, pid)
                 await transport.__aenter__()
                 participant = Participant(
-                    device_config, transport, x, y, train_slots=slots, rounds=sync
+                    device_config, transport, task, data, train_slots=slots, rounds=sync
                 )
                 device = _Device(
                     index=i,
@@ -161,16 +201,16 @@ async def run_bench(
                         name="bench:rounds",
                     )
                 )
-            await _watch(proto, host, devices, ticks, t0, console)
+            await _watch(proto, task.target, goal, host, devices, ticks, t0, console)
             # A shutdown that takes too long says what it waits for (a diagnostic only).
             watchdog = loop.call_later(_SHUTDOWN_WARN_S, _dump_tasks, console)
-            for task in drivers:
-                task.cancel()
+            for driver in drivers:
+                driver.cancel()
             for device in devices:
                 device.participant.stop()
         final = await host.stop()
         watchdog.cancel()
-    return _report(config, final, devices, ticks, rounds, full_model_bytes, separate)
+    return _report(config, task, goal, final, devices, ticks, rounds, full_model_bytes, separate)
 
 
 _SHUTDOWN_WARN_S = 30.0
@@ -293,6 +333,8 @@ def _fleet_tick(devices: list[_Device], elapsed: float) -> _Tick:
 
 async def _watch(
     proto: FleetProtocol,
+    target: Metric,
+    goal: float,
     host: AggregatorHost,
     devices: list[_Device],
     ticks: list[_Tick],
@@ -307,11 +349,9 @@ async def _watch(
             await asyncio.sleep(0.25)
             elapsed = time.monotonic() - t0
             ticks.append(_fleet_tick(devices, elapsed))
-            stats = stats_from_snapshot(host.latest, t0)
+            stats = stats_from_snapshot(host.latest, t0, target)
             if live is not None:
-                table = progress_table(
-                    stats, [d.participant.stats for d in devices], proto.target_accuracy
-                )
+                table = progress_table(stats, [d.participant.stats for d in devices], goal)
                 table.caption = f"online {sum(d.online for d in devices)}/{len(devices)}"
                 live.update(table, refresh=True)
             elif elapsed - last_line >= 10.0:
@@ -320,14 +360,15 @@ async def _watch(
                     progress_line(stats) + f" online={sum(d.online for d in devices)}",
                     highlight=False,
                 )
-            accuracy = stats.latest_accuracy or 0.0
-            if accuracy >= proto.target_accuracy or elapsed >= proto.max_seconds:
+            value = stats.latest_target
+            reached = value is not None and target.reached(value, goal)
+            if reached or elapsed >= proto.max_seconds:
                 return
 
 
-def stats_from_snapshot(doc: dict[str, Any], t0: float) -> AggregatorStats:
+def stats_from_snapshot(doc: dict[str, Any], t0: float, target: Metric) -> AggregatorStats:
     """An ``AggregatorStats`` rebuilt from a host snapshot (for the shared display code)."""
-    stats = AggregatorStats(started=t0)
+    stats = AggregatorStats(started=t0, target=target)
     if not doc:
         return stats
     stats.version = doc["version"]
@@ -339,13 +380,13 @@ def stats_from_snapshot(doc: dict[str, Any], t0: float) -> AggregatorStats:
     stats.bytes_out = doc["bytes_out"]
     stats.models_published = doc["models_published"]
     stats.buffered = doc["buffered"]
-    stats.accuracy = [AccuracyPoint(**p) for p in doc["accuracy"]]
+    stats.evaluations = [EvalPoint(**p) for p in doc["eval_points"]]
     return stats
 
 
-def _full_model_bytes(model: str) -> int:
+def _full_model_bytes(task: Task) -> int:
     """The size of one full float32 model message (what "float32 every time" sends)."""
-    params = get_params(build_model(model))  # type: ignore[arg-type]
+    params = get_params(task.build_model())
     tensors = tuple(encode_params(params, CodecConfig(name="float32")))
     return len(encode_model(ModelEnvelope(version=1_000_000, created=time.time(), tensors=tensors)))
 
@@ -373,6 +414,8 @@ def _at(ticks: list[_Tick], elapsed: float, field: str) -> float:
 
 def _report(
     config: BenchConfig,
+    task: Task,
+    goal: float,
     final: dict[str, Any],
     devices: list[_Device],
     ticks: list[_Tick],
@@ -381,8 +424,9 @@ def _report(
     separate: bool,
 ) -> dict[str, Any]:
     proto = config.protocol
-    points = final.get("accuracy", [])
-    hit, at_target = target_fields(points, proto.target_accuracy)
+    stats = stats_from_snapshot(final, 0.0, task.target) if final else None
+    points = [dataclasses.asdict(p) for p in stats.scored] if stats else []
+    hit, at_target = target_fields(points, task.target, goal)
     end = ticks[-1] if ticks else _Tick(0.0, 0, 0, 0)
     rejected: dict[str, int] = dict(final.get("rejected", {}))
     invalid = sum(n for k, n in rejected.items() if k not in ("too_stale", "duplicate"))
@@ -429,6 +473,8 @@ def _report(
             "deltas_applied": sum(v.deltas for v in views),
             "deltas_skipped": sum(v.skipped for v in views),
         },
+        "eval_reports": final.get("eval_reports", 0),
+        "eval_rejected": final.get("eval_rejected", {}),
         "model_collapses": final.get("model_collapses", 0),
         "model_collapsing_at_end": final.get("model_collapsing", False),
         "fleet": {
@@ -455,20 +501,17 @@ def _report(
             "peak_rss_bytes": final.get("peak_rss_bytes"),
             "max_rss_with_setup_bytes": final.get("max_rss_with_setup_bytes"),
         },
-        "accuracy": points,
+        "evaluations": points,
         "rounds": rounds,
         "protocol": dataclasses.asdict(proto),
         "settings": {
-            "strategy": dataclasses.asdict(config.aggregator.strategy),
-            "codec": dataclasses.asdict(config.participant.codec),
-            "error_feedback": config.participant.error_feedback,
-            "model": config.participant.model,
-            "epochs": config.participant.epochs,
-            "batch_size": config.participant.batch_size,
-            "lr": config.participant.lr,
-            "partition": config.partition,
-            "eval_every": config.aggregator.eval_every,
-            "eval_examples": config.aggregator.eval_examples,
+            **settings_of(config, task),
+            "evaluation": _evaluation_text(
+                config.aggregator,
+                task,
+                at_target,
+                final.get("central_examples"),
+            ),
             "publish_every": config.aggregator.publish_every,
             "downlink": dataclasses.asdict(config.aggregator.downlink),
             "prefetch": config.transport.prefetch,
@@ -478,3 +521,36 @@ def _report(
         },
     }
     return doc
+
+
+def settings_of(config: BenchConfig, task: Task) -> dict[str, Any]:
+    """The task's and the devices' settings, as the report records them."""
+    training = task.training
+    return {
+        "task": task.name,
+        "model": type(task.build_model()).__name__,
+        "strategy": dataclasses.asdict(config.aggregator.strategy),
+        "codec": dataclasses.asdict(config.participant.codec),
+        "error_feedback": config.participant.error_feedback,
+        "epochs": training.epochs,
+        "batch_size": training.batch_size,
+        "lr": training.lr,
+        "optimizer": training.optimizer,
+        "partition": config.partition,
+        "device_eval_every": config.participant.eval_every,
+    }
+
+
+def _evaluation_text(
+    config: AggregatorConfig, task: Task, at_target: dict[str, Any], central_examples: int | None
+) -> str:
+    if at_target["evaluation_source"] == "federated" or task.central_data is None:
+        return (
+            "the devices' reports on their own held-out data (federated, example-weighted,"
+            f" versions within {config.fed_eval.window} of the newest, at least"
+            f" {config.fed_eval.min_devices} device(s))"
+        )
+    return (
+        f"every {config.eval_every} version(s) (latest wins, one at a time) on the task's"
+        f" central held-out set ({central_examples} examples)"
+    )

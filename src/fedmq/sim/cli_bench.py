@@ -32,6 +32,7 @@ async def run_bench_command(values: dict[str, Any], parts: dict[str, Any]) -> in
         return await run_throughput(transport, out, strategy=parts["aggregator"])
     base = BenchConfig(
         label="",
+        task=parts["task"],
         protocol=parts["protocol"],
         aggregator=parts["aggregator"],
         transport=transport,
@@ -41,9 +42,9 @@ async def run_bench_command(values: dict[str, Any], parts: dict[str, Any]) -> in
     if values["virtual"]:
         from fedmq.sim.virtual import run_virtual_command
 
-        return await run_virtual_command(base, values["data_dir"], out)
+        return await run_virtual_command(base, parts["data_dir"], out)
     from fedmq.sim.suite import run_single, run_suite
 
     if values["suite"]:
-        return await run_suite(base, values["data_dir"], out)
-    return await run_single(base, values["data_dir"], out)
+        return await run_suite(base, parts["data_dir"], out)
+    return await run_single(base, parts["data_dir"], out)

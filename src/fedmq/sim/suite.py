@@ -2,7 +2,7 @@
 
 The suite runs the three strategies with float32 updates, picks the best
 asynchronous strategy (the one that reached the target sooner; if neither did,
-the higher best accuracy), then runs every other codec with it: seven
+the better best value of the target metric), then runs every other codec with it: seven
 configurations in all, each through the same broker and fleet.
 """
 
@@ -64,7 +64,7 @@ def _codec_name(codec: CodecConfig) -> str:
     return codec.name
 
 
-async def run_single(base: BenchConfig, data_dir: str | None, out: Path) -> int:
+async def run_single(base: BenchConfig, data_dir: Path, out: Path) -> int:
     """One configuration; 0 if it reached the target."""
     console = Console()
     stamp = time.strftime("%H%M%S")
@@ -75,7 +75,7 @@ async def run_single(base: BenchConfig, data_dir: str | None, out: Path) -> int:
     return 0 if run["reached_target"] else 1
 
 
-async def run_suite(base: BenchConfig, data_dir: str | None, out: Path) -> int:
+async def run_suite(base: BenchConfig, data_dir: Path, out: Path) -> int:
     """The matrix of BENCHMARK.md; 0 if every configuration reached the target."""
     console = Console()
     stamp = time.strftime("%H%M%S")
@@ -114,7 +114,12 @@ async def run_suite(base: BenchConfig, data_dir: str | None, out: Path) -> int:
 
 def _rank(run: Run) -> tuple[float, float]:
     time_s = run["time_to_target_s"]
-    return (time_s if time_s is not None else float("inf"), -(run["best_accuracy"] or 0.0))
+    best = run["best"]
+    if best is None:
+        worse_than_any = float("inf")
+    else:
+        worse_than_any = -best if run["target"]["higher_is_better"] else best
+    return (time_s if time_s is not None else float("inf"), worse_than_any)
 
 
 def goals(runs: list[Run], best: str) -> list[dict[str, Any]]:
@@ -143,17 +148,20 @@ def goals(runs: list[Run], best: str) -> list[dict[str, Any]]:
             if r["strategy"] != best or r is base or not r["uplink_bytes_to_target"]:
                 continue
             factor = base["uplink_bytes_to_target"] / r["uplink_bytes_to_target"]
-            gap = (base["final_accuracy"] or 0) - (r["final_accuracy"] or 0)
+            gap = (base["final"] or 0) - (r["final"] or 0)  # > 0: r is worse (higher is better)
+            if not base["target"]["higher_is_better"]:
+                gap = -gap
             if best_codec is None or factor > best_codec[1]:
                 best_codec = (r["label"], factor, gap)
         if best_codec:
             label, factor, gap = best_codec
+            name = base["target"]["metric"]
             out.append(
                 {
-                    "goal": ">= 20x fewer uplink bytes to target than float32, final accuracy"
-                    " within 0.5 points",
-                    "measured": f"{label}: {factor:.1f}x fewer, final accuracy"
-                    f" {abs(gap) * 100:.2f} points {'below' if gap > 0 else 'above'} float32's",
+                    "goal": f">= 20x fewer uplink bytes to target than float32, final {name}"
+                    " within 0.005 (0.5 points of accuracy)",
+                    "measured": f"{label}: {factor:.1f}x fewer, final {name}"
+                    f" {abs(gap):.4f} {'worse' if gap > 0 else 'better'} than float32's",
                     "met": factor >= 20 and gap <= 0.005,
                 }
             )
@@ -182,7 +190,7 @@ def _print_summary(console: Console, runs: list[Run], out: Path) -> None:
         "updates",
         "uplink to target",
         "downlink to target",
-        "final acc",
+        f"final {runs[0]['target']['metric']}" if runs else "final",
         "aggregator CPU",
     ):
         table.add_column(column, justify="right")
@@ -194,7 +202,7 @@ def _print_summary(console: Console, runs: list[Run], out: Path) -> None:
             str(r["updates_to_target"] or "-"),
             f"{r['uplink_bytes_to_target']:,}" if r["uplink_bytes_to_target"] else "-",
             f"{r['downlink_bytes_to_target']:,}" if r["downlink_bytes_to_target"] else "-",
-            f"{r['final_accuracy']:.4f}" if r["final_accuracy"] is not None else "-",
+            f"{r['final']:.4f}" if r["final"] is not None else "-",
             f"{r['aggregator_cost']['cpu_s']:.1f} s"
             if r["aggregator_cost"]["cpu_s"] is not None
             else "-",

@@ -2,22 +2,28 @@
 
 A discrete-event simulation: no broker, no sleeps, no threads. Time is a number
 that jumps from one event to the next (a device comes online or goes offline,
-finishes training, publishes). The work that decides accuracy is the real code:
-``train_local`` on the device's shard, the codec with error feedback, the msgpack
-envelope, ``decode_update`` + ``materialize``, the strategy, the downlink deltas.
+finishes training, publishes). The work that decides the model is the real code:
+each device's ``Trainer.step`` (the participant's train-and-encode core: the task's
+training on the device's own data, the codec with error feedback, the msgpack
+envelope), ``decode_update`` + ``materialize``, the strategy, the downlink deltas.
 
 Modelled, not measured (stated in the report):
 
-- training takes ``train_s_per_example`` x examples of simulated time (default:
-  what one core of this machine takes for cnn-s, 0.13 ms per example: 0.156 s for
-  1,200 examples, batch 32, measured with ``train_local`` on one thread), at
+- training takes ``train_s_per_example`` x examples of simulated time for any task
+  (default: what one core of this machine takes for fmnist's cnn-s, 0.13 ms per
+  example: 0.156 s for 1,200 examples, batch 32, measured with ``train_local`` on one
+  thread), at
   most ``concurrency`` devices at once, then the device waits speed_i x
   delay_unit before it publishes, as in the real fleet;
 - delivery is instant: an online device holds the newest model; a device coming
   back online downloads one full model (the last keyframe, in the real system);
 - an update that arrives too stale is dropped without being computed (it would
   not change the model; the device's error-feedback residual is not advanced);
-- the model is evaluated every ``eval_every_s`` simulated seconds.
+- the model is evaluated every ``eval_every_s`` simulated seconds: on the task's
+  central held-out set when it has one; else every device that has held-out data
+  scores it (``Task.score``) and the scores are combined as the aggregator combines
+  the devices' reports (``FederatedEval``: example-weighted), all on that one
+  version (the real devices report now and then, on the version they hold).
 """
 
 from __future__ import annotations
@@ -31,24 +37,26 @@ import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.live import Live
 
-from fedmq.aggregator import AccuracyPoint, AggregatorStats, Downlink, Evaluator
-from fedmq.codecs import CodecConfig, ErrorFeedback, encode_params
-from fedmq.data import load_fashion_mnist, resolve_data_dir, to_tensors
-from fedmq.models import build_model, get_params, non_finite, set_params, train_local
-from fedmq.participant.main import split
+from fedmq.aggregator import AggregatorStats, Downlink, EvalPoint, FederatedEval
+from fedmq.aggregator.main import make_evaluator
+from fedmq.codecs import CodecConfig, encode_params
+from fedmq.models import get_params, set_params
+from fedmq.participant._trainer import Trainer
 from fedmq.sim._display import progress_line, progress_table
 from fedmq.sim._fleet import RoundPicker, online_periods, speed_factors
 from fedmq.sim._report import target_fields, write_results
-from fedmq.sim.bench import BenchConfig
+from fedmq.sim.bench import BenchConfig, fleet_of, settings_of
 from fedmq.strategies import Contribution, make_strategy
+from fedmq.tasks import DeviceData, Task
 from fedmq.wire import (
+    EvalEnvelope,
     ModelEnvelope,
     UpdateEnvelope,
     decode_update,
@@ -78,8 +86,8 @@ class VirtualConfig:
 class _Device:
     index: int
     pid: str
-    x: torch.Tensor
-    y: torch.Tensor
+    data: DeviceData
+    num_examples: int  # of data.train
     delay_s: float
     online: bool = True
     busy: bool = False  # training or waiting out its publish delay
@@ -87,42 +95,36 @@ class _Device:
     held: int = 0  # the model version it holds
     seq: int = 0
     outbox: list[tuple[int, int]] = field(default_factory=list)  # (seq, base_version)
-    feedback: ErrorFeedback | None = None
+    trainer: Trainer | None = None  # made at its first training; keeps its residual
 
 
 class _Sim:
     """The event loop of one virtual run."""
 
-    def __init__(self, config: VirtualConfig, data_dir: str | None) -> None:
+    def __init__(self, config: VirtualConfig, task: Task, data_dir: Path) -> None:
         self.config = config
         bench = config.bench
-        proto = bench.protocol
+        self.task = task
+        fleet, proto = fleet_of(task, data_dir, bench.protocol)
         self.proto = proto
-        train, test = load_fashion_mnist(resolve_data_dir(data_dir))
-        shards = split(
-            train.labels, bench.partition, proto.participants, proto.dirichlet_alpha, proto.seed
-        )
+        self.goal = proto.goal(task.target)
         speeds = speed_factors(proto.participants, proto.speed_sigma)
         width = len(str(proto.participants - 1))
-        self.devices: list[_Device] = []
-        for i, indices in enumerate(shards):
-            if bench.max_examples:
-                indices = indices[: bench.max_examples]
-            x, y = to_tensors(train, indices)
-            self.devices.append(
-                _Device(
-                    index=i,
-                    pid=f"dev-{i:0{width}d}",
-                    x=x,
-                    y=y,
-                    delay_s=proto.publish_delay_s(speeds, i),
-                )
+        self.devices = [
+            _Device(
+                index=i,
+                pid=f"dev-{i:0{width}d}",
+                data=data,
+                num_examples=len(data.train),  # type: ignore[arg-type]
+                delay_s=proto.publish_delay_s(speeds, i),
             )
-        n_eval = bench.aggregator.eval_examples
-        x_test, y_test = to_tensors(test)
-        self.evaluator = Evaluator(bench.aggregator.model, x_test[:n_eval], y_test[:n_eval])
-        self.model = build_model(bench.participant.model)  # type: ignore[arg-type]
-        initial = build_model(bench.aggregator.model, seed=bench.aggregator.seed)  # type: ignore[arg-type]
+            for i, data in enumerate(fleet)
+        ]
+        central = task.central_data(data_dir) if task.central_data else None
+        self.central_examples = len(central) if central is not None else 0  # type: ignore[arg-type]
+        self.evaluator = make_evaluator(bench.aggregator, task, central)
+        self.scorer = task.build_model() if self.evaluator is None else None
+        initial = task.build_model(bench.aggregator.seed)
         self.params: Params = get_params(initial)
         self.spec = tensor_spec_of(self.params)
         self.strategy = make_strategy(bench.aggregator.strategy)
@@ -131,7 +133,7 @@ class _Sim:
         self.full_bytes = len(_encode_full(0, self.params))
         self.history: OrderedDict[int, Params] = OrderedDict()
         self.version = 0
-        self.stats = AggregatorStats()
+        self.stats = AggregatorStats(target=task.target)
         self.now = 0.0
         self.events: list[tuple[float, int, int, int, int]] = []
         self._counter = 0
@@ -177,7 +179,7 @@ class _Sim:
 
     # -- devices ----------------------------------------------------------------------
     def _want_slot(self, d: _Device) -> None:
-        if d.busy or d.waiting or len(d.y) == 0:  # a device the split gave no data never trains
+        if d.busy or d.waiting or d.num_examples == 0:  # a device with no data never trains
             return
         d.waiting = True
         self.queue.append(d.index)
@@ -191,7 +193,7 @@ class _Sim:
             self.slots_free -= 1
             base = self.version if d.online else d.held
             d.held = base
-            duration = len(d.y) * self.config.train_s_per_example
+            duration = d.num_examples * self.config.train_s_per_example
             self.at(self.now + duration, _TRAINED, d.index, base)
 
     def _trained(self, d: _Device, base: int) -> None:
@@ -277,44 +279,23 @@ class _Sim:
                 self._open_round()
 
     def _compute_update(self, d: _Device, seq: int, base: int) -> bytes | None:
-        participant = self.config.bench.participant
-        base_params = self.history[base]
-        set_params(self.model, base_params)
-        loss = train_local(
-            self.model,
-            d.x,
-            d.y,
-            epochs=participant.epochs,
-            batch_size=participant.batch_size,
-            lr=participant.lr,
-            seed=participant.seed * 1_000_003 + seq,
-        )
-        local = get_params(self.model)
-        delta = {name: local[name] - base_params[name] for name in base_params}
-        if non_finite(delta) or not np.isfinite(loss):
-            return None
-        rng = np.random.default_rng([participant.seed, seq])
-        lossless = participant.codec.name == "float32"
-        if participant.error_feedback and not lossless:
-            if d.feedback is None:
-                d.feedback = ErrorFeedback(participant.codec)
-            tensors = d.feedback.encode(delta, rng)
-        else:
-            tensors = encode_params(delta, participant.codec, rng)
-        envelope = UpdateEnvelope(
-            participant=d.pid,
-            seq=seq,
-            base_version=base,
-            num_examples=len(d.y),
-            loss=loss,
-            created=self.now,
-            tensors=tuple(tensors),
-        )
-        return encode_update(envelope)
+        """The device's update ``seq`` from model ``base``, by the participant's own
+        train-and-encode core; None if its training diverged."""
+        if d.trainer is None:
+            participant = self.config.bench.participant
+            d.trainer = Trainer(
+                participant_id=d.pid,
+                task=self.task,
+                data=d.data.train,
+                seed=participant.seed,
+                codec=participant.codec,
+                error_feedback=participant.error_feedback,
+            )
+        return d.trainer.step(base, self.history[base], seq, self.now)
 
     def _update_size(self, d: _Device, seq: int, base: int) -> int:
         """The exact size the update would have had (every codec has a fixed size)."""
-        key = (_uint_len(seq), _uint_len(base), _uint_len(len(d.y)), len(d.pid))
+        key = (_uint_len(seq), _uint_len(base), _uint_len(d.num_examples), len(d.pid))
         size = self._update_size_cache.get(key)
         if size is None:
             zeros = {k: np.zeros_like(v) for k, v in self.params.items()}
@@ -323,7 +304,7 @@ class _Sim:
                 participant=d.pid,
                 seq=seq,
                 base_version=base,
-                num_examples=len(d.y),
+                num_examples=d.num_examples,
                 loss=0.0,
                 created=0.0,
                 tensors=tuple(tensors),
@@ -347,7 +328,7 @@ class _Sim:
                 d.held = self.version
 
     def _open_round(self) -> None:
-        online = [d.index for d in self.devices if d.online and len(d.y)]
+        online = [d.index for d in self.devices if d.online and d.num_examples]
         if not online:
             return
         picked = self.picker.pick(online)
@@ -358,20 +339,50 @@ class _Sim:
             self._want_slot(self.devices[i])
 
     def _evaluate(self) -> None:
-        accuracy, loss = self.evaluator(self.params)
-        self.stats.accuracy.append(
-            AccuracyPoint(
+        if self.evaluator is not None:
+            metrics, devices, examples = self.evaluator(self.params), 0, self.central_examples
+            source: Literal["central", "federated"] = "central"
+        else:
+            metrics, devices, examples = self._fleet_scores()
+            source = "federated"
+        self.stats.evaluations.append(
+            EvalPoint(
                 elapsed_s=self.now,
                 version=self.version,
                 applied=self.stats.applied,
-                accuracy=accuracy,
-                loss=loss,
+                metrics=metrics,
+                source=source,
+                devices=devices,
+                examples=examples,
                 bytes_in=self.stats.bytes_in,
                 bytes_out=self.stats.bytes_out,
             )
         )
         self.down_at_eval.append(self.bytes_down)
         self.at(self.now + self.config.eval_every_s, _EVAL)
+
+    def _fleet_scores(self) -> tuple[dict[str, float], int, int]:
+        """The global model scored by every device on its own held-out data, combined as
+        the aggregator combines the devices' reports; (metrics, devices, examples)."""
+        assert self.scorer is not None
+        set_params(self.scorer, self.params)
+        fed_eval = FederatedEval(self.config.bench.aggregator.fed_eval)
+        for d in self.devices:
+            held_out = len(d.data.held_out)  # type: ignore[arg-type]
+            if held_out:
+                report = EvalEnvelope(
+                    participant=d.pid,
+                    version=self.version,
+                    num_examples=held_out,
+                    metrics=self.task.score(self.scorer, d.data.held_out),
+                    created=self.now,
+                )
+                fed_eval.add(report, model_version=self.version)
+        summaries = fed_eval.summaries()
+        target = summaries.get(self.task.target.name)
+        if target is None:
+            return {}, 0, 0
+        return {name: s.value for name, s in summaries.items()}, target.devices, target.num_examples
 
     # -- the loop ---------------------------------------------------------------------
     def step(self) -> bool:
@@ -384,8 +395,8 @@ class _Sim:
         self.now = t
         if kind == _EVAL:
             self._evaluate()
-            accuracy = self.stats.latest_accuracy or 0.0
-            return accuracy < self.proto.target_accuracy
+            value = self.stats.latest_target
+            return value is None or not self.task.target.reached(value, self.goal)
         d = self.devices[i]
         if kind == _ONLINE:
             self._online(d)
@@ -409,7 +420,7 @@ def _uint_len(value: int) -> int:
 
 def run_virtual(
     config: VirtualConfig,
-    data_dir: str | None,
+    data_dir: Path,
     console: Console | None = None,
     stop: threading.Event | None = None,
 ) -> dict[str, Any]:
@@ -417,9 +428,8 @@ def run_virtual(
     console = console or Console()
     torch.set_num_threads(1)
     setup = time.perf_counter()
-    sim = _Sim(config, data_dir)
+    sim = _Sim(config, config.bench.task(), data_dir)
     setup_s = time.perf_counter() - setup
-    proto = config.bench.protocol
     started = time.perf_counter()
     sim.start()
     events = 0
@@ -435,11 +445,11 @@ def run_virtual(
                 last_refresh = wall
                 sim.stats.started = time.monotonic() - sim.now  # elapsed shows simulated time
                 if live is not None:
-                    live.update(progress_table(sim.stats, [], proto.target_accuracy), refresh=True)
+                    live.update(progress_table(sim.stats, [], sim.goal), refresh=True)
                 else:
                     console.print(progress_line(sim.stats) + " (simulated time)", highlight=False)
         # the final evaluation, unless the last event was one
-        if not sim.stats.accuracy or sim.stats.accuracy[-1].elapsed_s != sim.now:
+        if not sim.stats.evaluations or sim.stats.evaluations[-1].elapsed_s != sim.now:
             sim._evaluate()
     wall_s = time.perf_counter() - started
     return _report(config, sim, wall_s, setup_s, events)
@@ -449,9 +459,12 @@ def _report(
     config: VirtualConfig, sim: _Sim, wall_s: float, setup_s: float, events: int
 ) -> dict[str, Any]:
     bench = config.bench
-    proto = bench.protocol
-    points = [dataclasses.asdict(p) for p in sim.stats.accuracy]
-    hit, at_target = target_fields(points, proto.target_accuracy)
+    proto = sim.proto
+    # An evaluation without metrics: no device had held-out data to score with.
+    scored = [i for i, p in enumerate(sim.stats.evaluations) if p.metrics]
+    points = [dataclasses.asdict(sim.stats.evaluations[i]) for i in scored]
+    hit, at_target = target_fields(points, sim.task.target, sim.goal)
+    down_at_hit = sim.down_at_eval[scored[points.index(hit)]] if hit else None
     rejected = Counter(sim.stats.rejected)
     virtual_s = sim.now
     return {
@@ -463,7 +476,7 @@ def _report(
         "job": "-",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         **at_target,
-        "downlink_bytes_to_target": sim.down_at_eval[points.index(hit)] if hit else None,
+        "downlink_bytes_to_target": down_at_hit,
         "downlink_float32_bytes_to_target": None,
         "wall_time_s": virtual_s,
         "version": sim.version,
@@ -517,34 +530,32 @@ def _report(
             "train_s_per_example": config.train_s_per_example,
             "eval_every_s": config.eval_every_s,
         },
-        "accuracy": points,
+        "evaluations": points,
         "protocol": dataclasses.asdict(proto),
         "settings": {
-            "strategy": dataclasses.asdict(bench.aggregator.strategy),
-            "codec": dataclasses.asdict(bench.participant.codec),
-            "error_feedback": bench.participant.error_feedback,
-            "model": bench.participant.model,
-            "epochs": bench.participant.epochs,
-            "batch_size": bench.participant.batch_size,
-            "lr": bench.participant.lr,
-            "partition": bench.partition,
-            "eval_every": f"{config.eval_every_s} simulated s",
-            "eval_examples": bench.aggregator.eval_examples,
+            **settings_of(bench, sim.task),
+            "evaluation": f"every {config.eval_every_s:g} simulated s, "
+            + (
+                f"on the task's central held-out set ({sim.central_examples} examples)"
+                if sim.evaluator is not None
+                else "by every device on its own held-out data, combined as the"
+                " aggregator combines the devices' reports (example-weighted)"
+            ),
             "publish_every": 1,
             "downlink": dataclasses.asdict(bench.aggregator.downlink),
             "prefetch": "-",
-            "max_examples": bench.max_examples,
         },
     }
 
 
-async def run_virtual_command(base: BenchConfig, data_dir: str | None, out: Path) -> int:
+async def run_virtual_command(base: BenchConfig, data_dir: Path, out: Path) -> int:
     """``fedmq bench --virtual``: one configuration on the virtual clock."""
     console = Console()
     config = VirtualConfig(bench=base)
     proto = base.protocol
+    fleet = proto.participants or "the task's"
     console.print(
-        f"fedmq bench --virtual: {proto.participants} devices, strategy"
+        f"fedmq bench --virtual: {fleet} devices, strategy"
         f" {base.aggregator.strategy.name}, codec {base.participant.codec.name},"
         f" up to {proto.max_seconds:.0f} simulated s"
     )
