@@ -652,9 +652,8 @@ async def _participant(v: Values) -> int:
 
 
 async def _demo(v: Values) -> int:
-    from fedmq.sim.demo import DemoConfig, run_demo
-
     from fedmq.data import resolve_data_dir
+    from fedmq.sim.demo import DemoConfig, run_demo
 
     config = DemoConfig(
         task=v["task_object"],

@@ -2,8 +2,9 @@
 
 Every report goes through the same doors as an update from the same device: it must
 fit the transport's bound, come from the participant the broker says sent it (MQTT
-topic, AMQP sender identity), decode strictly (``open_eval``), carry a valid participant id, be signed by a key its
-participant owns when ``update_verifier`` is configured, come from an allowed
+topic, AMQP sender identity), decode strictly (``open_eval``), carry a valid
+participant id, be signed by a key its participant owns when ``update_verifier`` is
+configured, come from an allowed
 participant when there is an allow-list, and not claim a version newer than the
 model or more examples than ``FedEvalConfig.max_num_examples``. A refused report is
 counted by reason (``AggregatorStats.eval_rejected``, ``fedmq_eval_rejected_total``)
