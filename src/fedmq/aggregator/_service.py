@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -33,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from fedmq._log import log_event
+from fedmq.aggregator._admit import Decoded, admit, checked_step, decode, finite
 from fedmq.aggregator._bounds import UpdateBounds
 from fedmq.aggregator._checkpoint import (
     Checkpoint,
@@ -48,8 +48,8 @@ from fedmq.aggregator._health import CollapseWatch, watch_evaluation
 from fedmq.aggregator._stats import AggregatorStats, EvalPoint
 from fedmq.aggregator._tuning import retuned, serve_controls
 from fedmq.aggregator._versions import VersionStore
-from fedmq.codecs import CodecConfig, SparseTensor, encode_params
-from fedmq.errors import ConfigError, Reason, RejectedUpdate, Rejection
+from fedmq.codecs import CodecConfig, encode_params
+from fedmq.errors import ConfigError, Rejection
 from fedmq.strategies import (
     Contribution,
     Delta,
@@ -66,8 +66,6 @@ from fedmq.wire import (
     ModelEnvelope,
     UpdateEnvelope,
     encode_model,
-    materialize_sparse,
-    open_update,
     tensor_spec_of,
 )
 
@@ -178,7 +176,7 @@ class Aggregator:
         self._params = dict(checkpoint.params)
         self._state = checkpoint.strategy_state
         self._last_seq = dict(checkpoint.last_seq)
-        if not _finite(self._params):
+        if not finite(self._params):
             raise CheckpointError(
                 f"{self.config.checkpoint_dir}: the checkpoint's model holds NaN or Inf"
             )
@@ -315,12 +313,12 @@ class Aggregator:
             contribution = self._admit(update, delta, norm, delivery.participant_hint)
             if self._strategy.changes_model(self._state):
                 new_params, state = await asyncio.to_thread(
-                    _checked_step, self._strategy.step, self._params, self._state, contribution
+                    checked_step, self._strategy.step, self._params, self._state, contribution
                 )
             else:  # only buffered: cheaper here than a round trip to a worker thread
                 new_params, state = self._strategy.step(self._params, self._state, contribution)
             if new_params is None and self._round_due():
-                new_params, state = _checked_step(
+                new_params, state = checked_step(
                     lambda p, s, _: self._strategy.flush(p, s), self._params, state, None
                 )
             self._state = state  # only now: a refused step leaves model and state as they were
@@ -492,55 +490,25 @@ class Aggregator:
                 decoded.append(rejection)
         return decoded
 
-    def _decode(self, body: bytes) -> tuple[UpdateEnvelope, Delta, float]:
-        """The update, its delta and the delta's L2 norm (all tensors together)."""
-        update = open_update(
+    def _decode(self, body: bytes) -> Decoded:
+        return decode(
             body, spec=self._spec, limits=self.config.limits, verifier=self.config.update_verifier
         )
-        # Top-k tensors stay sparse: O(k) per update instead of a dense model-sized array.
-        delta = materialize_sparse(update.tensors)
-        for tensor in delta.values():
-            if isinstance(tensor, np.ndarray):
-                # Ours alone and never written: strategies may keep it without a copy.
-                tensor.flags.writeable = False
-        # Here, in the worker thread: O(model) per update, kept off the event loop.
-        norm = math.sqrt(sum(_squared_norm(t) for t in delta.values()))
-        return update, delta, norm
 
     def _admit(
         self, update: UpdateEnvelope, delta: Delta, norm: float, hint: str | None
     ) -> Contribution:
-        """Policy checks on a well-formed update of L2 norm ``norm``; raises RejectedUpdate."""
-        pid = update.participant
-        allowed = self.config.allowed_participants
-        if allowed is not None and pid not in allowed:
-            raise RejectedUpdate(Reason.UNKNOWN_PARTICIPANT, f"{pid!r} is not on the allow-list")
-        if not hint or hint != pid:  # no sender identity at all is refused too
-            raise RejectedUpdate(
-                Reason.PARTICIPANT_MISMATCH, f"envelope says {pid!r}, routed as {hint!r}"
-            )
-        last = self._last_seq.get(pid)
-        if last is not None and update.seq <= last:
-            raise RejectedUpdate(Reason.DUPLICATE, f"{pid} seq {update.seq} <= applied {last}")
-        staleness = self._version - update.base_version
-        if staleness < 0:
-            raise RejectedUpdate(
-                Reason.FUTURE_BASE, f"base {update.base_version} > current {self._version}"
-            )
-        if staleness > self._strategy.max_staleness:
-            raise RejectedUpdate(
-                Reason.TOO_STALE, f"staleness {staleness} > {self._strategy.max_staleness}"
-            )
-        self._bounds.check(norm, update.num_examples)
-        base = None
-        if self._strategy.needs_base:
-            base = self._history.get(update.base_version)
-            if base is None:
-                raise RejectedUpdate(
-                    Reason.TOO_STALE, f"base version {update.base_version} is no longer held"
-                )
-        return Contribution(
-            delta=delta, staleness=staleness, num_examples=update.num_examples, base=base
+        return admit(
+            update,
+            delta,
+            norm,
+            hint,
+            allowed=self.config.allowed_participants,
+            last_seq=self._last_seq,
+            version=self._version,
+            strategy=self._strategy,
+            bounds=self._bounds,
+            history=self._history,
         )
 
     async def _advance(self, new_params: Params) -> None:
@@ -624,39 +592,11 @@ class Aggregator:
             watch_evaluation(self.stats.health, version, metrics)
 
 
-_Decoded = tuple[UpdateEnvelope, Delta, float] | Rejection
+_Decoded = Decoded | Rejection
 _Decoding = asyncio.Future[list[_Decoded]]
 
 # Updates decoded in one worker-thread call (at most; a batch is what has arrived).
 _BATCH = 32
-
-
-def _squared_norm(tensor: np.ndarray | SparseTensor) -> float:
-    if isinstance(tensor, SparseTensor):
-        return tensor.squared_norm()
-    # float32 BLAS, no copy; a sum that overflows is inf, which every bound refuses.
-    return float(np.vdot(tensor, tensor))
-
-
-def _finite(params: Mapping[str, np.ndarray]) -> bool:
-    return all(bool(np.isfinite(v).all()) for v in params.values())
-
-
-_Step = Callable[[Params, Any, Any], tuple[Params | None, Any]]
-
-
-def _checked_step(step: _Step, params: Params, state: Any, contribution: Any) -> tuple[Any, Any]:
-    """``step(params, state, contribution)``, refused if the new model is not finite.
-
-    Bounded updates keep it finite; this is the last line: a NaN or Inf model must never
-    be applied, checkpointed or published (restarting from it would fail the same way).
-    Strategies never mutate their inputs, so refusing leaves model and state untouched.
-    """
-    with np.errstate(over="ignore", invalid="ignore"):  # overflow is what is checked next
-        new_params, new_state = step(params, state, contribution)
-    if new_params is not None and not _finite(new_params):
-        raise RejectedUpdate(Reason.NON_FINITE_MODEL, "applying it makes the model NaN or Inf")
-    return new_params, new_state
 
 
 def _store_version(
