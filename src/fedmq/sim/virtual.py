@@ -5,7 +5,9 @@ that jumps from one event to the next (a device comes online or goes offline,
 finishes training, publishes). The work that decides the model is the real code:
 each device's ``Trainer.step`` (the participant's train-and-encode core: the task's
 training on the device's own data, the codec with error feedback, the msgpack
-envelope), ``decode_update`` + ``materialize``, the strategy, the downlink deltas.
+envelope), the aggregator's admit-and-apply core (``decode``, ``admit``,
+``checked_step``: the service's own checks and bounds), the strategy, the downlink
+deltas.
 
 Modelled, not measured (stated in the report):
 
@@ -45,24 +47,25 @@ from rich.console import Console
 from rich.live import Live
 
 from fedmq.aggregator import AggregatorStats, Downlink, EvalPoint, FederatedEval
+from fedmq.aggregator._admit import admit, checked_step, decode
+from fedmq.aggregator._bounds import UpdateBounds
 from fedmq.aggregator.main import make_evaluator
 from fedmq.codecs import CodecConfig, encode_params
+from fedmq.errors import Rejection
 from fedmq.models import get_params, set_params
 from fedmq.participant._trainer import Trainer
 from fedmq.sim._display import progress_line, progress_table
 from fedmq.sim._fleet import RoundPicker, online_periods, speed_factors
 from fedmq.sim._report import target_fields, write_results
 from fedmq.sim.bench import BenchConfig, fleet_of, settings_of
-from fedmq.strategies import Contribution, make_strategy
+from fedmq.strategies import make_strategy
 from fedmq.tasks import DeviceData, Task
 from fedmq.wire import (
     EvalEnvelope,
     ModelEnvelope,
     UpdateEnvelope,
-    decode_update,
     encode_model,
     encode_update,
-    materialize,
     tensor_spec_of,
 )
 
@@ -132,6 +135,8 @@ class _Sim:
         self.downlink = Downlink(bench.aggregator.downlink, _encode_full)
         self.full_bytes = len(_encode_full(0, self.params))
         self.history: OrderedDict[int, Params] = OrderedDict()
+        self.last_seq: dict[str, int] = {}
+        self.bounds = UpdateBounds(bench.aggregator.bounds)
         self.version = 0
         self.stats = AggregatorStats(target=task.target)
         self.now = 0.0
@@ -251,21 +256,39 @@ class _Sim:
             self.stats.received -= 1
             return
         self.stats.bytes_in += len(body)
-        update = decode_update(body, spec=self.spec, limits=self.config.bench.aggregator.limits)
-        delta = materialize(update.tensors)
-        contribution = Contribution(
-            delta=delta,
-            staleness=staleness,
-            num_examples=update.num_examples,
-            base=self.history[base] if self.strategy.needs_base else None,
-        )
-        new_params, self.state = self.strategy.step(self.params, self.state, contribution)
-        if (
-            new_params is None
-            and self.sync
-            and self.strategy.pending(self.state) >= self.round_size
-        ):
-            new_params, self.state = self.strategy.flush(self.params, self.state)
+        # The aggregator's own admit-and-apply core (aggregator/_admit.py): the same
+        # checks, bounds and refusals as the service, counted the same way.
+        aggregator = self.config.bench.aggregator
+        try:
+            update, delta, norm = decode(
+                body, spec=self.spec, limits=aggregator.limits, verifier=None
+            )
+            contribution = admit(
+                update,
+                delta,
+                norm,
+                d.pid,  # the broker's word: the device itself
+                allowed=aggregator.allowed_participants,
+                last_seq=self.last_seq,
+                version=self.version,
+                strategy=self.strategy,
+                bounds=self.bounds,
+                history=self.history,
+            )
+            new_params, state = checked_step(
+                self.strategy.step, self.params, self.state, contribution
+            )
+            if new_params is None and self.sync and self.strategy.pending(state) >= self.round_size:
+                new_params, state = checked_step(
+                    lambda p, s, _: self.strategy.flush(p, s), self.params, state, None
+                )
+        except Rejection as rejection:
+            self.stats.rejected[rejection.reason.value] += 1
+            return
+        self.state = state
+        self.last_seq[d.pid] = update.seq
+        self.bounds.accepted(norm)
+        staleness = contribution.staleness
         self.stats.applied += 1
         self.stats.staleness[staleness] += 1
         self.stats.buffered = self.strategy.pending(self.state)
