@@ -13,8 +13,20 @@ MAE in µg/m³ on the station's test windows (the fourth year) for:
   statistics, which ``combine`` computes from the stations' sufficient statistics;
   early stopping on the pooled validation parts).
 
+and, with ``--federated MODEL.npz``, beside them:
+
+* federated: the global model a fedmq run trained (``model.npz``, which ``fedmq demo``
+  writes), scored by the ``air-quality`` task on each station's test windows (each
+  station normalised with its own statistics, as its device did).
+
 Overall: the mean over stations of their RMSE / MAE, and the pooled RMSE / MAE
 over all test windows. Fixed seeds; torch on ``--threads`` threads.
+
+The federated table of docs/benchmarks.md::
+
+    fedmq demo --task air-quality --data-dir ../shared/data --out-dir runs/aq
+    python benchmarks/air_quality_baselines.py --data-dir ../shared/data \
+        --federated runs/aq/model.npz --out runs/aq/table.json
 
 Defaults: the 5,409-parameter GRU, Adam lr 1e-3 on batches of 512 for every
 model (3e-3 gave the same local-only RMSE within 0.5 µg/m³, and a worse
@@ -38,6 +50,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
@@ -73,7 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--stations", type=int, default=0, help="only the first N (0: all)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument(
+        "--federated", type=Path, help="model.npz of a fedmq air-quality run: a column more"
+    )
     args = parser.parse_args(argv)
+    methods = (*METHODS, "federated") if args.federated else METHODS
     if args.data_dir is None:
         parser.error("pass --data-dir or set FEDMQ_DATA_DIR")
     torch.set_num_threads(args.threads)
@@ -100,7 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     series: list[StationSeries] = [read_station(f) for f in files]
     global_stats = combine(station_stats(s) for s in series)
     results: dict[str, dict[str, Any]] = {s.station: {} for s in series}
-    test_metrics: dict[str, dict[str, Metrics]] = {m: {} for m in METHODS}
+    test_metrics: dict[str, dict[str, Metrics]] = {m: {} for m in methods}
+    if args.federated:
+        test_metrics["federated"] = federated(args.federated, files)
 
     # Persistence and local-only, one station at a time (its own statistics).
     test_ends = {}
@@ -167,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
 
     wall = time.perf_counter() - started
     load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    table = markdown(test_metrics)
+    table = markdown(test_metrics, methods)
     print()
     print(table)
     print()
@@ -209,13 +228,32 @@ def overall(test_metrics: dict[str, dict[str, Metrics]]) -> dict[str, dict[str, 
     return out
 
 
-def markdown(test_metrics: dict[str, dict[str, Metrics]]) -> str:
+def federated(model_file: Path, files: list[Path]) -> dict[str, Metrics]:
+    """The test metrics of a fedmq run's global model at every station, as the task's
+    own ``score`` computes them (each station with its own normalisation)."""
+    from fedmq.models import set_params
+    from fedmq.tasks.air_quality import load_test_data
+    from fedmq.tasks.air_quality import task as air_quality
+
+    model = air_quality.build_model()
+    with np.load(model_file, allow_pickle=False) as saved:
+        set_params(model, {name: saved[name] for name in saved.files})
+    out = {}
+    for path in files:
+        windows = load_test_data(path)
+        scores = air_quality.score(model, windows)  # eval mode, no_grad
+        n = len(windows)
+        out[windows.station] = Metrics(n=n, sum_sq=scores["mse"] * n, sum_abs=scores["mae"] * n)
+    return out
+
+
+def markdown(test_metrics: dict[str, dict[str, Metrics]], methods: tuple[str, ...]) -> str:
     """The table: RMSE / MAE (µg/m³) per station and method, then the overall rows."""
-    head = "| station | test windows | " + " | ".join(f"{m} RMSE | {m} MAE" for m in METHODS) + " |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(METHODS))]
+    head = "| station | test windows | " + " | ".join(f"{m} RMSE | {m} MAE" for m in methods) + " |"
+    lines = [head, "|" + "---|" * (2 + 2 * len(methods))]
     for name in test_metrics["persistence"]:
         cells = [name, str(test_metrics["persistence"][name].n)]
-        for method in METHODS:
+        for method in methods:
             m = test_metrics[method][name]
             cells += [f"{m.rmse:.2f}", f"{m.mae:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -226,7 +264,7 @@ def markdown(test_metrics: dict[str, dict[str, Metrics]]) -> str:
         ("**pooled**", "pooled_rmse", "pooled_mae"),
     ):
         cells = [label, str(n)]
-        for method in METHODS:
+        for method in methods:
             cells += [f"{summary[method][rmse]:.2f}", f"{summary[method][mae]:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
