@@ -18,7 +18,6 @@ from tests import updates
 from tests.prometheus import samples
 from tests.updates import INITIAL, delta
 
-
 ACCURACY = Metric("accuracy", higher_is_better=True)
 RMSE = Metric("rmse", higher_is_better=False)
 
