@@ -820,7 +820,10 @@ class ChaosRun:
             problems.append(f"updates left in outboxes: {leftovers}")
         accuracy, matches = self._judge_checkpoint(reconciliation, versions, problems)
         evaluated = [
-            e["accuracy"] for run in aggregator_runs for e in run if e["event"] == "evaluated"
+            e["metrics"]["accuracy"]
+            for run in aggregator_runs
+            for e in run
+            if e["event"] == "evaluated" and e["source"] == "central"
         ]
         return ChaosReport(
             config=c,
@@ -843,7 +846,7 @@ class ChaosRun:
         # Imported here: the scenario itself needs neither torch nor the dataset.
         from fedmq.aggregator import Evaluator
         from fedmq.aggregator._checkpoint import load_checkpoint
-        from fedmq.data import load_fashion_mnist, to_tensors
+        from fedmq.tasks.fashion_mnist import FmnistSettings, make_task
 
         checkpoint = load_checkpoint(self.checkpoint_dir)
         if checkpoint is None:
@@ -857,11 +860,11 @@ class ChaosRun:
         matches = dict(checkpoint.last_seq) == expected
         if not matches:
             problems.append(f"checkpoint last_seq {dict(checkpoint.last_seq)} != {expected}")
-        _, test = load_fashion_mnist(self.data_dir)
-        x, y = to_tensors(test)
-        n = self.config.eval_examples
-        accuracy, _ = Evaluator("cnn-s", x[:n], y[:n])(checkpoint.params)
-        return accuracy, matches
+        # The aggregator's own task and held-out set: `fedmq aggregator`'s defaults.
+        task = make_task(FmnistSettings(eval_examples=self.config.eval_examples))
+        assert task.central_data is not None
+        scores = Evaluator(task, task.central_data(self.data_dir))(checkpoint.params)
+        return scores["accuracy"], matches
 
 
 def _until_uncheckpointed(log: Path, timeout_s: float) -> None:

@@ -95,8 +95,14 @@ def accepted_seqs(aggregator: FedmqProcess, participant: str) -> list[int]:
     return [e["seq"] for e in aggregator.events("accepted") if e.get("participant") == participant]
 
 
+def central_accuracies(aggregator: FedmqProcess) -> list[float]:
+    """The test-set accuracy of each of the aggregator's own ("central") evaluations."""
+    events = aggregator.events("evaluated")
+    return [e["metrics"]["accuracy"] for e in events if e["source"] == "central"]
+
+
 def best_accuracy(aggregator: FedmqProcess) -> float:
-    return max((e["accuracy"] for e in aggregator.events("evaluated")), default=0.0)
+    return max(central_accuracies(aggregator), default=0.0)
 
 
 def latest_version(aggregator: FedmqProcess) -> int:

@@ -28,7 +28,9 @@ from fedmq.transport import (
     connect_participant,
 )
 from fedmq.wire import ModelEnvelope, encode_model, open_update, tensor_spec_of
+from tests import tasks
 from tests.integration.brokers import delete_job_queues
+from tests.tasks import device_data
 
 pytestmark = pytest.mark.amqp
 
@@ -42,9 +44,7 @@ def model_body(version: int) -> bytes:
 
 
 def device_config(pid: str, tmp_path: Path) -> ParticipantConfig:
-    return ParticipantConfig(
-        participant_id=pid, state_dir=tmp_path / pid, model="mlp", batch_size=8
-    )
+    return ParticipantConfig(participant_id=pid, state_dir=tmp_path / pid)
 
 
 async def until(condition: object, within: float = 60.0) -> None:
@@ -87,8 +87,9 @@ async def run_pair(
         connect_participant(config, "bad") as bad_link,
         asyncio.TaskGroup() as tg,
     ):
-        good = Participant(device_config("good", tmp_path), good_link, x, y)
-        bad = Participant(device_config("bad", tmp_path), bad_link, bad_x, y)
+        task = tasks.fmnist()
+        good = Participant(device_config("good", tmp_path), good_link, task, device_data(x, y))
+        bad = Participant(device_config("bad", tmp_path), bad_link, task, device_data(bad_x, y))
         updates = aiter(aggregator.updates())
         good.start(tg)
         bad.start(tg)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from fedmq.aggregator import (
-    AccuracyPoint,
     Aggregator,
     AggregatorConfig,
     ControlConfig,
+    EvalPoint,
     MetricsServer,
 )
 from fedmq.aggregator._histogram import Histogram
@@ -80,8 +80,19 @@ async def exercised(job: str) -> tuple[Aggregator, dict[str, float], str]:
         async with asyncio.timeout(10):
             while not aggregator.stats.controls:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-        point = AccuracyPoint(elapsed_s=1.0, version=1, applied=3, accuracy=0.75, loss=0.6)
-        aggregator.stats.accuracy.append(point)  # as an evaluation would
+        central = EvalPoint(
+            elapsed_s=1.0, version=1, applied=3, metrics={"accuracy": 0.75, "loss": 0.6}
+        )
+        federated = EvalPoint(
+            elapsed_s=1.0,
+            version=1,
+            applied=3,
+            metrics={"accuracy": 0.7, "loss": 0.65},
+            source="federated",
+            devices=2,
+            examples=200,
+        )
+        aggregator.stats.evaluations += [central, federated]  # as evaluations would
         text, _ = render_metrics(registry_for(aggregator, active_window_s=60.0))
     return aggregator, samples(text.decode()), text.decode()
 
@@ -123,6 +134,10 @@ async def test_values_follow_the_aggregator(job: str) -> None:
     assert 'fedmq_tuning{knob="alpha"}' not in values  # not a FedBuff setting
     assert values['fedmq_strategy_info{staleness="constant",strategy="fedbuff"}'] == 1
     assert values['fedmq_control_commands_total{result="applied"}'] == 1
+    assert values['fedmq_eval_metric{name="accuracy",source="central"}'] == 0.75
+    assert values['fedmq_eval_metric{name="loss",source="central"}'] == 0.6
+    assert values['fedmq_eval_metric{name="accuracy",source="federated"}'] == 0.7
+    # the dashboard's pair: from the central evaluation, even when a federated one is newer
     assert values["fedmq_test_accuracy"] == 0.75 and values["fedmq_test_loss"] == 0.6
     assert "# HELP fedmq_buffer_fill" in text
 

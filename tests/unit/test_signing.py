@@ -50,7 +50,7 @@ from fedmq.wire import (
     tensor_spec_of,
 )
 from fedmq.wire.fuzz import mutate
-from tests import updates
+from tests import tasks, updates
 from tests.unit.test_aggregator import settled
 from tests.updates import INITIAL, delta
 
@@ -399,8 +399,6 @@ async def test_a_device_trains_only_on_models_signed_by_the_aggregator(
     config = ParticipantConfig(
         participant_id="dev-01",
         state_dir=tmp_path / "dev-01",
-        model="mlp",
-        batch_size=8,
         update_signer=Signer(DEV1, job),
         model_verifier=Verifier(keys, job),
     )
@@ -410,7 +408,7 @@ async def test_a_device_trains_only_on_models_signed_by_the_aggregator(
         connect_participant(transport_config, "dev-01") as transport,
         asyncio.TaskGroup() as tg,
     ):
-        device = Participant(config, transport, x, y)
+        device = Participant(config, transport, tasks.fmnist(), tasks.device_data(x, y))
         device.start(tg)
         unsigned = encode_model(_model(1, model))
         forged = Signer(key("aggregator", 9), job).seal(encode_model(_model(2, model)))
