@@ -101,7 +101,7 @@ class Aggregator:
         self.stats = stats or AggregatorStats()
         if target is not None:
             self.stats.target = target
-            self.stats.health = CollapseWatch(target)
+            self.stats.health = CollapseWatch(target, self.stats.health.config)
         self.fed_eval = FederatedEval(config.fed_eval)
         self._transport = transport
         self._strategy = make_strategy(config.strategy)
