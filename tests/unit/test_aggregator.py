@@ -63,6 +63,9 @@ async def test_fedasync_apply_publishes_the_mixed_model(job: str) -> None:
         # w = 0.5*0 + 0.5*(0+2) = 1;  b = 0.5*1 + 0.5*(1+2) = 2
         np.testing.assert_allclose(aggregator.params["w"], np.ones((2, 2)))
         np.testing.assert_allclose(aggregator.params["b"], np.full(2, 2.0))
+        async with asyncio.timeout(5):  # published off the apply path: soon, not at once
+            while aggregator.stats.models_published < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
         latest = embedded_broker("unit").latest_model(job)
         assert latest is not None and latest[0] == 1
         model = decode_model(latest[1])
