@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from fedmq.models import get_params
 from fedmq.participant import Participant, ParticipantConfig
 from fedmq.sim._display import progress_line, progress_table, summary_table
 from fedmq.sim._plots import plot_metric
+from fedmq.sim._report import target_fields
 from fedmq.tasks import Task
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant
 
@@ -165,7 +165,7 @@ async def run_demo(config: DemoConfig) -> int:
         final_params = aggregator.params
     # The trained global model, for whoever wants to use or score it (numpy .npz, no pickle).
     np.savez(out / "model.npz", **final_params)  # type: ignore[arg-type]
-    console.print(summary_table(_report(config, stats, fed_eval, devices, reached, out)))
+    console.print(summary_table(_report(config, stats, fed_eval, devices, out)))
     console.print(
         f"report: {out / 'report.json'}  plot: {out / _plot_name(stats)}"
         f"  model: {out / 'model.npz'}"
@@ -212,7 +212,6 @@ def _report(
     stats: AggregatorStats,
     fed_eval: FederatedEval,
     devices: list[Participant],
-    reached: bool,
     out: Path,
 ) -> list[tuple[str, str]]:
     """Write report.json and the target's plot; return the summary rows."""
@@ -223,10 +222,9 @@ def _report(
     points = stats.scored
     source = points[-1].source if points else "central"
     where = "test" if source == "central" else "fleet"
-    hit = next((p for p in points if metric.reached(p.metrics.get(name, math.nan), goal)), None)
-    final = points[-1].metrics.get(name) if points else None
-    values = [p.metrics[name] for p in points if name in p.metrics]
-    best = (max if metric.higher_is_better else min)(values) if values else None
+    # The same outcome fields as bench and the virtual clock write (sim/_report.py).
+    hit, at_target = target_fields([dataclasses.asdict(p) for p in points], metric, goal)
+    final, best = at_target["final"], at_target["best"]
     summary = [
         ("task", config.task.name),
         ("devices", str(len(devices))),
@@ -235,8 +233,8 @@ def _report(
         ("broker", config.transport.redacted_url),
         (f"final {where} {name}", f"{final:.4f}" if final is not None else "-"),
         (f"best {where} {name}", f"{best:.4f}" if best is not None else "-"),
-        (f"time to {name} {goal}", f"{hit.elapsed_s:.1f} s" if hit else "not reached"),
-        (f"updates to {name} {goal}", str(hit.applied) if hit else "-"),
+        (f"time to {name} {goal}", f"{hit['elapsed_s']:.1f} s" if hit else "not reached"),
+        (f"updates to {name} {goal}", str(hit["applied"]) if hit else "-"),
         ("wall time", f"{stats.elapsed_s:.1f} s"),
         ("model version", str(stats.version)),
         ("updates applied", str(stats.applied)),
@@ -270,12 +268,7 @@ def _report(
     )
     document = {
         "task": config.task.name,
-        "target": {"metric": name, "higher_is_better": metric.higher_is_better, "goal": goal},
-        "reached_target": reached,
-        "evaluation_source": source,
-        "time_to_target_s": hit.elapsed_s if hit else None,
-        "updates_to_target": hit.applied if hit else None,
-        "final": final,
+        **at_target,
         "wall_time_s": stats.elapsed_s,
         "version": stats.version,
         "applied": stats.applied,
