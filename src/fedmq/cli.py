@@ -47,8 +47,6 @@ from fedmq.wire import KeyRing, Signer, Verifier, WireLimits
 __all__ = ["main"]
 
 Values = dict[str, Any]
-_log = logging.getLogger("fedmq.cli")
-
 _log = logging.getLogger("fedmq.config")
 
 _COMMON = [
