@@ -7,7 +7,7 @@ base image made by docker/debian/base-image.sh, plus tests/compose/compose.test.
 1. build the images and `up --wait` with 2 participants, until every health check passes;
 2. the aggregator's model version grows and its test accuracy reaches TARGET_ACCURACY,
    read through Prometheus, which scrapes the aggregator: the applied-updates counter is
-   queried there too;
+   queried there too, and every query of the Grafana dashboard has data;
 3. TLS and per-device credentials are in force inside the compose network: every fedmq
    connection is TLS, a device container with a wrong password is refused, and one that
    does not trust the fedmq CA cannot connect;
@@ -27,6 +27,7 @@ Docker engine. Without an engine or Compose it skips, and with CI=true it fails.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -156,6 +157,7 @@ def test_compose_deployment_trains_resumes_scales_and_loses_nothing(
     assert len(result) == 1 and float(result[0]["value"][1]) > 0, result
     report(f"prometheus query {APPLIED_QUERY} -> {result[0]['metric']} = {result[0]['value'][1]}")
     assert project.prometheus_value('up{job="fedmq-aggregator"}') == 1.0
+    check_dashboard_queries(project)
 
     # 3. TLS and per-device credentials inside the compose network.
     check_tls_and_credentials(project)
@@ -255,6 +257,19 @@ def first_apply(project: ComposeProject, participant: str | None = None) -> Even
         )
 
     return project.wait_for(f"a first applied update of {participant or 'any device'}", found, 300)
+
+
+def check_dashboard_queries(project: ComposeProject) -> None:
+    """Every query of Grafana's provisioned dashboard has data in this Prometheus (Grafana
+    itself cannot run without its public image; its files are checked by unit tests)."""
+    dashboard = json.loads((REPO / "docker/grafana/provisioning/dashboards/fedmq.json").read_text())
+    queries = [(p["title"], t["expr"]) for p in dashboard["panels"] for t in p["targets"]]
+    empty = [(title, expr) for title, expr in queries if not project.prometheus(expr)]
+    assert not empty, empty
+    report(
+        f"Grafana dashboard: all {len(queries)} queries of its {len(dashboard['panels'])} "
+        "panels have data in Prometheus"
+    )
 
 
 def check_tls_and_credentials(project: ComposeProject) -> None:
