@@ -155,6 +155,18 @@ class ComposeProject:
                     found.append(event)
         return sorted(found, key=lambda e: float(e.get("ts", 0.0)))
 
+    def lines(self, service: str, *, refresh: bool = True) -> list[str]:
+        """The plain (not JSON) log lines of every container ``service`` ever had here."""
+        if refresh:
+            self.snapshot_logs()
+        return [
+            line
+            for container, text in self._logs.items()
+            if container.service == service
+            for line in text.splitlines()
+            if line and not line.startswith("{")
+        ]
+
     def tail(self, lines: int = 40) -> str:
         """The last lines of every service's log, for a failure message."""
         return self.run("logs", "--no-color", "--tail", str(lines), check=False).stdout

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -50,6 +51,7 @@ PROJECT = "fedmq-compose-test"
 TARGET_ACCURACY = 0.75  # on EVAL_EXAMPLES test images, devices training on MAX_EXAMPLES each
 MAX_EXAMPLES = 1000
 EVAL_EXAMPLES = 2000
+ENTRYPOINT_SAYS = re.compile(r"fedmq-entrypoint: participant (?P<device>\S+) shard (?P<shard>\S+)")
 APPLIED_QUERY = 'fedmq_updates_applied_total{job="fedmq-aggregator"}'
 # What `docs/deployment.md`, "Add a device", grants a device (the demo's dev-02 has these).
 DEVICE_PERMISSIONS = (
@@ -203,11 +205,9 @@ def test_compose_deployment_trains_resumes_scales_and_loses_nothing(
     )
     first_dev03 = first_apply(project, participant="dev-03")
     project.wait_for("3 updates of dev-03 applied", lambda: _applied(project, "dev-03") >= 3, 120)
-    shards = {
-        e["participant"]: e["shard"]
-        for e in project.events("participant")
-        if e["event"] == "starting" and e["shard"].endswith("/3")
-    }
+    # The entrypoint says which device and shard each replica found for itself.
+    found = [ENTRYPOINT_SAYS.fullmatch(line) for line in project.lines("participant")]
+    shards = {m["device"]: m["shard"] for m in found if m and m["shard"].endswith("/3")}
     assert shards == {"dev-01": "0/3", "dev-02": "1/3", "dev-03": "2/3"}, shards
     report(
         f"--scale participant=3: shards {shards}; dev-03's first update applied "
