@@ -38,6 +38,7 @@ async def run_participant(
         held_out=len(data.held_out),  # type: ignore[arg-type]
         broker=transport_config.redacted_url,
     )
+    mismatch: ModelMismatch | None = None
     try:
         async with (
             connect_participant(transport_config, config.participant_id) as transport,
@@ -48,7 +49,13 @@ async def run_participant(
             participant.start(tg)
             tg.create_task(_status(config.participant_id, participant.stats), name="status")
     except* ModelMismatch as group:  # cannot take part: say why in one line, and exit
-        raise group.exceptions[0] from None
+        found = group.exceptions[0]
+        assert isinstance(found, ModelMismatch)
+        mismatch = found
+    if mismatch is not None:
+        # Raised here, not inside ``except*``: Python before 3.11.4 would wrap it in an
+        # ExceptionGroup again, and the one-line error would become a traceback.
+        raise mismatch
     return 0
 
 
