@@ -26,10 +26,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
@@ -550,3 +550,17 @@ def via_proxy(url: str, port: int) -> str:
     netloc = parts.netloc.rsplit("@", 1)
     host = f"127.0.0.1:{port}"
     return urlunsplit(parts._replace(netloc=f"{netloc[0]}@{host}" if len(netloc) == 2 else host))
+
+
+async def next_within(iterator: AsyncIterator[Any], within: float = 5.0) -> Any:
+    """The iterator's next item, or TimeoutError after ``within`` seconds."""
+    return await asyncio.wait_for(anext(iterator), within)
+
+
+async def nothing_within(iterator: AsyncIterator[Any], within: float) -> bool:
+    """True if the iterator yields nothing for ``within`` seconds."""
+    try:
+        await asyncio.wait_for(anext(iterator), within)
+    except TimeoutError:
+        return True
+    return False

@@ -36,7 +36,13 @@ from fedmq.transport.amqp import (
     AmqpParticipant,
     amqp_names,
 )
-from tests.integration.brokers import TcpProxy, delete_job_queues, via_proxy
+from tests.integration.brokers import (
+    TcpProxy,
+    delete_job_queues,
+    next_within,
+    nothing_within,
+    via_proxy,
+)
 
 pytestmark = pytest.mark.amqp
 
@@ -70,18 +76,6 @@ async def _ready_count(url: str, queue: str) -> int:
         return count
 
 
-async def _next(iterator: AsyncIterator[Any], within: float = 5.0) -> Any:
-    return await asyncio.wait_for(anext(iterator), within)
-
-
-async def _nothing_within(iterator: AsyncIterator[Any], within: float) -> bool:
-    try:
-        await asyncio.wait_for(anext(iterator), within)
-    except TimeoutError:
-        return True
-    return False
-
-
 # -- round trips -----------------------------------------------------------------
 
 
@@ -91,7 +85,7 @@ async def test_update_round_trip_with_ack(config: TransportConfig, amqp_url: str
     async with agg_t as agg, part_t as part:
         assert part.connected
         await part.publish_update(b"update-1")
-        delivery: Delivery = await _next(agg.updates())
+        delivery: Delivery = await next_within(agg.updates())
         assert delivery.body == b"update-1"
         assert delivery.participant_hint == "p1"
         await delivery.ack()
@@ -106,18 +100,18 @@ async def test_unacked_update_is_redelivered_after_reopen(
             await part.publish_update(b"u%d" % i)
     async with AmqpAggregator(config) as agg:
         updates = agg.updates()
-        received = [await _next(updates) for _ in range(3)]
+        received = [await next_within(updates) for _ in range(3)]
         assert [d.body for d in received] == [b"u0", b"u1", b"u2"]
         await received[0].ack()
     # Settling on a closed transport's dead channel does not raise: the broker redelivers.
     await received[1].ack()
     async with AmqpAggregator(config) as agg:
         updates = agg.updates()
-        again = [await _next(updates) for _ in range(2)]
+        again = [await next_within(updates) for _ in range(2)]
         assert sorted(d.body for d in again) == [b"u1", b"u2"]
         for d in again:
             await d.ack()
-        assert await _nothing_within(updates, 0.3)
+        assert await nothing_within(updates, 0.3)
 
 
 async def test_prefetch_bounds_unacked_deliveries(amqp_url: str, job: str) -> None:
@@ -127,10 +121,10 @@ async def test_prefetch_bounds_unacked_deliveries(amqp_url: str, job: str) -> No
             for i in range(3):
                 await part.publish_update(b"u%d" % i)
             updates = agg.updates()
-            first, _second = await _next(updates), await _next(updates)
-            assert await _nothing_within(updates, 0.3)
+            first, _second = await next_within(updates), await next_within(updates)
+            assert await nothing_within(updates, 0.3)
             await first.ack()
-            assert (await _next(updates)).body == b"u2"
+            assert (await next_within(updates)).body == b"u2"
     finally:
         await delete_job_queues(amqp_url, job)
 
@@ -144,7 +138,7 @@ async def test_late_joiner_gets_current_model_at_once(config: TransportConfig) -
             await agg.publish_model(b"model-%d" % version, version=version)
     async with AmqpParticipant(config, "late") as part:
         models = part.models()
-        seen = [await _next(models, 2.0)]  # at once, no new publish needed
+        seen = [await next_within(models, 2.0)]  # at once, no new publish needed
         # The last stream chunk may hold a few older ones first; the newest comes last.
         with contextlib.suppress(TimeoutError):
             while True:
@@ -159,7 +153,7 @@ async def test_models_stream_through(config: TransportConfig) -> None:
             body = b"model-%d" % version
             await agg.publish_model(body, version=version)
             # Reading right after each publish sees every version, in order.
-            assert await _next(models) == body
+            assert await next_within(models) == body
 
 
 # -- limits and rejections -------------------------------------------------------
@@ -174,7 +168,7 @@ async def test_payload_too_large_is_refused_before_sending(
         with pytest.raises(PayloadTooLarge):
             await agg.publish_model(b"x" * (LIMIT + 1), version=1)
         await part.publish_update(b"x" * LIMIT)  # exactly the limit goes through
-        assert (await _next(agg.updates())).body == b"x" * LIMIT
+        assert (await next_within(agg.updates())).body == b"x" * LIMIT
         assert part.sessions == 1  # no reconnect was needed
     assert await _ready_count(amqp_url, amqp_names(config.job).updates) == 1
 
@@ -182,7 +176,7 @@ async def test_payload_too_large_is_refused_before_sending(
 async def test_reject_makes_the_reason_visible(config: TransportConfig, amqp_url: str) -> None:
     async with AmqpAggregator(config) as agg, AmqpParticipant(config, "p9") as part:
         await part.publish_update(b"bad-update")
-        delivery = await _next(agg.updates())
+        delivery = await next_within(agg.updates())
         await delivery.reject(RejectedUpdate(Reason.NORM_BOUND, "norm 12.5 > 10"))
     names = amqp_names(config.job)
     assert await _ready_count(amqp_url, names.updates) == 0
@@ -229,10 +223,10 @@ async def test_participant_accepts_only_models_of_the_configured_publisher(
         await agg.publish_model(b"model-1", version=1)
     trusting = _config(amqp_url, config.job, model_publisher="guest")
     async with AmqpParticipant(trusting, "p1") as part:
-        assert await _next(part.models()) == b"model-1"
+        assert await next_within(part.models()) == b"model-1"
     picky = _config(amqp_url, config.job, model_publisher="aggregator")
     async with AmqpParticipant(picky, "p2") as part:
-        assert await _nothing_within(part.models(), 0.5)
+        assert await nothing_within(part.models(), 0.5)
 
 
 def _rabbitmqctl(*args: str) -> str:
@@ -284,10 +278,10 @@ async def test_full_updates_queue_makes_publish_wait(
             assert not blocked.done()  # nacked and retried, not lost, not an error
             async with AmqpAggregator(config) as agg:
                 updates = agg.updates()
-                first = await _next(updates)
+                first = await next_within(updates)
                 await first.ack()
                 await asyncio.wait_for(blocked, 10)
-                assert (await _next(updates)).body == b"u1"
+                assert (await next_within(updates)).body == b"u1"
             assert part.sessions == 1  # a nack is not a reason to reconnect
     finally:
         await asyncio.to_thread(_rabbitmqctl, "clear_policy", policy)
@@ -314,9 +308,9 @@ async def test_device_without_configure_permission_waits_for_the_queues(
             await asyncio.wait_for(entering, 10)
             try:
                 await agg.publish_model(b"model-1", version=1)
-                assert await _next(device.models()) == b"model-1"
+                assert await next_within(device.models()) == b"model-1"
                 await device.publish_update(b"from-device")
-                delivery = await _next(agg.updates())
+                delivery = await next_within(agg.updates())
                 assert (delivery.body, delivery.participant_hint) == (b"from-device", "p1")
                 await delivery.ack()
             finally:
@@ -337,11 +331,11 @@ async def test_tcp_cut_ack_of_dead_delivery_is_harmless(
         async with AmqpAggregator(proxied) as agg, AmqpParticipant(config, "p1") as part:
             await part.publish_update(b"in-flight")
             updates = agg.updates()
-            before = await _next(updates)
+            before = await next_within(updates)
             proxy.cut()
             # The aggregator applied it and acks, but the channel is gone: no exception.
             await before.ack()
-            after = await _next(updates, 10)
+            after = await next_within(updates, 10)
             assert after.body == b"in-flight"  # redelivered on the new connection
             await after.ack()
             # The consumer is back before the new session finishes its setup and is counted.
@@ -349,7 +343,7 @@ async def test_tcp_cut_ack_of_dead_delivery_is_harmless(
                 while agg.sessions < 2:  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             await agg.publish_model(b"model-after-cut", version=1)
-            assert await _next(part.models()) == b"model-after-cut"
+            assert await next_within(part.models()) == b"model-after-cut"
     assert await _ready_count(amqp_url, amqp_names(config.job).updates) == 0
 
 
@@ -378,11 +372,11 @@ async def test_broker_restart_is_survived_by_both_sides(
     async with AmqpAggregator(config) as agg, AmqpParticipant(config, "p1") as part:
         updates, models = agg.updates(), part.models()
         await agg.publish_model(b"model-1", version=1)
-        assert await _next(models) == b"model-1"
+        assert await next_within(models) == b"model-1"
         await part.publish_update(b"acked")
-        await (await _next(updates)).ack()
+        await (await next_within(updates)).ack()
         await part.publish_update(b"in-flight")
-        in_flight = await _next(updates)  # received, not yet applied when the broker stops
+        in_flight = await next_within(updates)  # received, not yet applied when the broker stops
         try:
             await asyncio.to_thread(_rabbitmqctl, "stop_app")
             await _wait_port(amqp_url, up=False, within=20)

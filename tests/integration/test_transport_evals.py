@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -29,7 +28,14 @@ from fedmq.transport import (
 from fedmq.transport.amqp import EVALS_ARGUMENTS, amqp_names
 from fedmq.transport.mqtt import mqtt_topics
 from fedmq.wire import EVAL_LIMITS, EvalEnvelope, encode_eval
-from tests.integration.brokers import TcpProxy, delete_job_queues, forget_mqtt_job, via_proxy
+from tests.integration.brokers import (
+    TcpProxy,
+    delete_job_queues,
+    forget_mqtt_job,
+    next_within,
+    nothing_within,
+    via_proxy,
+)
 
 EVAL_LIMIT = EVAL_LIMITS.max_message_bytes
 
@@ -55,18 +61,6 @@ def _report(participant: str, version: int) -> bytes:
             created=1_700_000_000.0,
         )
     )
-
-
-async def _next(iterator: AsyncIterator[Any], within: float = 5.0) -> Any:
-    return await asyncio.wait_for(anext(iterator), within)
-
-
-async def _nothing_within(iterator: AsyncIterator[Any], within: float) -> bool:
-    try:
-        await asyncio.wait_for(anext(iterator), within)
-    except TimeoutError:
-        return True
-    return False
 
 
 async def _publish_raw(url: str, job: str, participant: str, body: bytes) -> None:
@@ -100,7 +94,7 @@ async def test_a_report_reaches_the_aggregator_with_its_sender(broker: str, job:
     body = _report("dev-01", 3)
     async with connect_aggregator(config) as agg, connect_participant(config, "dev-01") as dev:
         await dev.publish_eval(body)
-        report = await _next(agg.evals())
+        report = await next_within(agg.evals())
     assert report == EvalReport(body=body, participant_hint="dev-01")
 
 
@@ -113,12 +107,12 @@ async def test_updates_and_reports_do_not_mix(broker: str, job: str) -> None:
         await dev.publish_eval(b"report-2")
         updates, reports = agg.updates(), agg.evals()
         for expected in (b"update-1", b"update-2"):
-            delivery = await _next(updates)
+            delivery = await next_within(updates)
             assert delivery.body == expected
             await delivery.ack()
-        assert [(await _next(reports)).body for _ in range(2)] == [b"report-1", b"report-2"]
-        assert await _nothing_within(updates, 0.3)
-        assert await _nothing_within(reports, 0.1)
+        assert [(await next_within(reports)).body for _ in range(2)] == [b"report-1", b"report-2"]
+        assert await nothing_within(updates, 0.3)
+        assert await nothing_within(reports, 0.1)
 
 
 async def test_a_report_over_the_eval_limit_is_refused_before_sending(
@@ -129,7 +123,7 @@ async def test_a_report_over_the_eval_limit_is_refused_before_sending(
         with pytest.raises(PayloadTooLarge, match="EVAL_LIMITS"):
             await dev.publish_eval(bytes(EVAL_LIMIT + 1))
         await dev.publish_eval(bytes(EVAL_LIMIT))  # the limit itself is fine
-        report = await _next(agg.evals())
+        report = await next_within(agg.evals())
     assert len(report.body) == EVAL_LIMIT
     assert report.refused is None
 
@@ -139,7 +133,7 @@ async def test_an_oversize_report_is_refused_as_it_arrives(broker: str, job: str
     async with connect_aggregator(config) as agg:
         await _publish_raw(broker, job, "dev-01", bytes(EVAL_LIMIT + 1))
         await _publish_raw(broker, job, "dev-01", b"small")
-        refused, small = await _next(agg.evals()), await _next(agg.evals())
+        refused, small = await next_within(agg.evals()), await next_within(agg.evals())
     assert refused.refused is not None and refused.refused.reason is Reason.TOO_LARGE
     assert refused.body == b""  # not held
     assert refused.participant_hint == "dev-01"  # so it can be counted against someone
@@ -155,9 +149,9 @@ async def test_reports_wait_at_the_broker_while_the_aggregator_is_away(
     async with connect_participant(config, "dev-01") as dev:
         await dev.publish_eval(b"sent-while-away")
     async with connect_aggregator(config) as agg:
-        assert (await _next(agg.evals())).body == b"sent-while-away"
+        assert (await next_within(agg.evals())).body == b"sent-while-away"
     async with connect_aggregator(config) as agg:
-        assert await _nothing_within(agg.evals(), 0.3)  # taken once: acked as handed over
+        assert await nothing_within(agg.evals(), 0.3)  # taken once: acked as handed over
 
 
 async def test_reports_flow_on_across_cut_connections(broker: str, job: str) -> None:
@@ -171,13 +165,13 @@ async def test_reports_flow_on_across_cut_connections(broker: str, job: str) -> 
         ):
             reports = agg.evals()
             await dev.publish_eval(b"before")
-            assert (await _next(reports)).body == b"before"
+            assert (await next_within(reports)).body == b"before"
             proxy.cut()
             # Both sides are (or will soon be) without a connection: the publish waits for
             # the next one, and the same iterator yields what arrives on it.
             await asyncio.wait_for(dev.publish_eval(b"after"), 10)
             earlier = []
-            while (body := (await _next(reports, 10)).body) != b"after":
+            while (body := (await next_within(reports, 10)).body) != b"after":
                 earlier.append(body)
             # MQTT: a PUBACK still in our socket buffer at the cut is lost, so the broker
             # sends that report again (harmless: docs/wire-format.md 12.3). Nothing else.
@@ -199,7 +193,7 @@ async def test_amqp_report_sender_follows_sender_identity(
         async with connect_aggregator(aggregator) as agg:
             async with connect_participant(config, "dev-01") as dev:
                 await dev.publish_eval(b"report")
-            report = await _next(agg.evals())
+            report = await next_within(agg.evals())
         assert report.participant_hint == sender
     finally:
         await delete_job_queues(amqp_url, job)
@@ -257,7 +251,7 @@ async def test_mqtt_report_sender_is_the_topic_level(mqtt_url: str, job: str) ->
         async with connect_aggregator(config) as agg:
             await _publish_raw(mqtt_url, job, "", b"nobody")
             await _publish_raw(mqtt_url, job, "dev-02", b"dev-02's")
-            hints = [(await _next(agg.evals())).participant_hint for _ in range(2)]
+            hints = [(await next_within(agg.evals())).participant_hint for _ in range(2)]
         assert hints == ["", "dev-02"]
         assert mqtt_topics(job).evals("dev-02") == f"fedmq/{job}/evals/dev-02"
     finally:

@@ -33,7 +33,7 @@ from fedmq.errors import (
 from fedmq.transport import Delivery, TransportConfig, connect_aggregator, connect_participant
 from fedmq.transport.mqtt import MqttAggregator, MqttParticipant, mqtt_topics
 from tests.integration.aggregators import running
-from tests.integration.brokers import forget_mqtt_job
+from tests.integration.brokers import forget_mqtt_job, next_within, nothing_within
 from tests.updates import delta, update
 
 pytestmark = pytest.mark.mqtt
@@ -59,18 +59,6 @@ async def config(mqtt_url: str, job: str) -> AsyncIterator[TransportConfig]:
     await forget_mqtt_job(mqtt_url, job, PARTICIPANTS)
 
 
-async def _next(iterator: AsyncIterator[Any], within: float = 5.0) -> Any:
-    return await asyncio.wait_for(anext(iterator), within)
-
-
-async def _nothing_within(iterator: AsyncIterator[Any], within: float) -> bool:
-    try:
-        await asyncio.wait_for(anext(iterator), within)
-    except TimeoutError:
-        return True
-    return False
-
-
 # -- round trips -----------------------------------------------------------------
 
 
@@ -80,13 +68,13 @@ async def test_update_round_trip_with_ack(config: TransportConfig) -> None:
     async with agg_t as agg, part_t as part:
         assert part.connected
         await part.publish_update(b"update-1")
-        delivery: Delivery = await _next(agg.updates())
+        delivery: Delivery = await next_within(agg.updates())
         assert delivery.body == b"update-1"
         assert delivery.participant_hint == "p1"
         await delivery.ack()
     # Acked means PUBACKed: the persistent session has nothing to redeliver.
     async with MqttAggregator(config) as agg:
-        assert await _nothing_within(agg.updates(), 0.3)
+        assert await nothing_within(agg.updates(), 0.3)
 
 
 async def test_unacked_update_is_redelivered_after_reopen(config: TransportConfig) -> None:
@@ -96,18 +84,18 @@ async def test_unacked_update_is_redelivered_after_reopen(config: TransportConfi
             for i in range(3):
                 await part.publish_update(b"u%d" % i)
             updates = agg.updates()
-            received = [await _next(updates) for _ in range(3)]
+            received = [await next_within(updates) for _ in range(3)]
             assert [d.body for d in received] == [b"u0", b"u1", b"u2"]
             await received[0].ack()
         # Settling after the connection closed does not raise: the broker redelivers.
         await received[1].ack()
         async with MqttAggregator(config) as agg:
             updates = agg.updates()
-            again = [await _next(updates) for _ in range(2)]
+            again = [await next_within(updates) for _ in range(2)]
             assert sorted(d.body for d in again) == [b"u1", b"u2"]
             for d in again:
                 await d.ack()
-            assert await _nothing_within(updates, 0.3)
+            assert await nothing_within(updates, 0.3)
 
 
 async def test_updates_wait_at_the_broker_while_the_aggregator_is_away(
@@ -118,7 +106,7 @@ async def test_updates_wait_at_the_broker_while_the_aggregator_is_away(
     async with MqttParticipant(config, "p2") as part:
         await part.publish_update(b"queued")
     async with MqttAggregator(config) as agg:
-        delivery = await _next(agg.updates())
+        delivery = await next_within(agg.updates())
         assert (delivery.body, delivery.participant_hint) == (b"queued", "p2")
         await delivery.ack()
 
@@ -132,8 +120,8 @@ async def test_late_joiner_gets_current_model_at_once(config: TransportConfig) -
             await agg.publish_model(b"model-%d" % version, version=version)
     async with MqttParticipant(config, "late") as part:
         models = part.models()
-        assert await _next(models, 2.0) == b"model-3"  # the retained one, at once
-        assert await _nothing_within(models, 0.2)
+        assert await next_within(models, 2.0) == b"model-3"  # the retained one, at once
+        assert await nothing_within(models, 0.2)
 
 
 async def test_models_stream_through(config: TransportConfig) -> None:
@@ -142,7 +130,7 @@ async def test_models_stream_through(config: TransportConfig) -> None:
         for version in range(1, 6):
             body = b"model-%d" % version
             await agg.publish_model(body, version=version)
-            assert await _next(models) == body
+            assert await next_within(models) == body
 
 
 # -- limits and rejections -------------------------------------------------------
@@ -155,7 +143,7 @@ async def test_payload_too_large_is_refused_before_sending(config: TransportConf
         with pytest.raises(PayloadTooLarge):
             await agg.publish_model(b"x" * (LIMIT + 1), version=1)
         await part.publish_update(b"x" * LIMIT)
-        delivery = await _next(agg.updates())
+        delivery = await next_within(agg.updates())
         assert delivery.body == b"x" * LIMIT
         await delivery.ack()
         assert agg.sessions == 1 and part.sessions == 1
@@ -170,7 +158,7 @@ async def test_reject_makes_the_reason_visible(config: TransportConfig, mqtt_url
     ):
         await operator.subscribe(mqtt_topics(config.job).rejected, qos=1)
         await part.publish_update(b"bad-update")
-        delivery = await _next(agg.updates())
+        delivery = await next_within(agg.updates())
         await delivery.reject(RejectedUpdate(Reason.BAD_SIGNATURE, "key p9 unknown"))
         message = await asyncio.wait_for(anext(operator.messages), 5)
         record = json.loads(message.payload)
@@ -182,7 +170,7 @@ async def test_reject_makes_the_reason_visible(config: TransportConfig, mqtt_url
         }
     # Rejected means settled: nothing comes back.
     async with MqttAggregator(config) as agg:
-        assert await _nothing_within(agg.updates(), 0.3)
+        assert await nothing_within(agg.updates(), 0.3)
 
 
 # -- a broker of our own, killed and restarted ----------------------------------
@@ -263,12 +251,12 @@ async def test_broker_restart_is_survived_by_both_sides(own_mosquitto: Mosquitto
     async with MqttAggregator(config) as agg, MqttParticipant(config, "p1") as part:
         updates, models = agg.updates(), part.models()
         await agg.publish_model(b"model-1", version=1)
-        assert await _next(models) == b"model-1"
+        assert await next_within(models) == b"model-1"
 
         await part.publish_update(b"acked")
-        await (await _next(updates)).ack()
+        await (await next_within(updates)).ack()
         await part.publish_update(b"in-flight")
-        in_flight = await _next(updates)  # received, not yet applied when the broker dies
+        in_flight = await next_within(updates)  # received, not yet applied when the broker dies
 
         own_mosquitto.stop()
         async with asyncio.timeout(5):
@@ -301,10 +289,10 @@ async def test_broker_restart_is_survived_by_both_sides(own_mosquitto: Mosquitto
     own_mosquitto.stop()
     own_mosquitto.start()
     async with MqttAggregator(config) as agg, MqttParticipant(config, "p2") as late:
-        delivery = await _next(agg.updates())
+        delivery = await next_within(agg.updates())
         assert delivery.body == b"queued-across-restart"
         await delivery.ack()
-        assert await _next(late.models()) == b"model-2"  # retained model survived too
+        assert await next_within(late.models()) == b"model-2"  # retained model survived too
 
 
 async def test_unreachable_broker_is_broker_unavailable(job: str) -> None:
@@ -461,10 +449,10 @@ async def test_returning_device_gets_the_retained_keyframe_not_every_model(
         assert queued == []  # before: all 50 models
         async with MqttParticipant(config, "p1") as device:
             models = device.models()
-            assert await _next(models, 5.0) == b"model-41"  # the retained keyframe
-            assert await _nothing_within(models, 0.3)
+            assert await next_within(models, 5.0) == b"model-41"  # the retained keyframe
+            assert await nothing_within(models, 0.3)
             await agg.publish_model(b"model-51", version=51, keyframe=False)
-            assert await _next(models, 5.0) == b"model-51"  # then the deltas after it
+            assert await next_within(models, 5.0) == b"model-51"  # then the deltas after it
 
 
 def _start_aggregator(args: list[str], log: Path) -> subprocess.Popen[bytes]:
