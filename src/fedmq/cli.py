@@ -621,8 +621,10 @@ async def _aggregator(v: Values) -> int:
         port=v["metrics_port"], host=v["metrics_host"], active_window_s=v["active_window"]
     )
     task: Task = v["task_object"]
-    where = data_path(v, required=False)
-    central = task.central_data(where) if task.central_data and where else None
+    central = None
+    if task.central_data and v["eval_every"]:  # with evaluation off, no data is read
+        where = data_path(v, required=False)
+        central = task.central_data(where) if where else None
     return await run_aggregator(
         aggregator_config(v),
         transport_config(v, service=True),
