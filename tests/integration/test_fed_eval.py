@@ -4,6 +4,7 @@ are combined by examples (hand-computed), and bad ones are counted, not taken.""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -119,3 +120,25 @@ async def test_with_device_keys_only_signed_reports_count(
         await wait_for(lambda: aggregator.stats.eval_rejected["unsigned"] == 1, "the refusal")
         held = aggregator.fed_eval.per_device("rmse")["dev-01"]
         assert held.value == 2.0
+
+
+async def test_the_last_report_of_a_burst_is_recorded_without_waiting_for_more(
+    broker: str, job: str
+) -> None:
+    # Points are at most one a second: a report inside that second is recorded when it
+    # is up, not left out until some later report arrives.
+    transport = TransportConfig(url=broker, job=job)
+    config = dataclasses.replace(_config(), fed_eval=FedEvalConfig(window=0, min_devices=1))
+    async with (
+        aggregator_of(transport, config) as aggregator,
+        connect_participant(transport, "dev-01") as one,
+        connect_participant(transport, "dev-02") as two,
+    ):
+        await one.publish_eval(report("dev-01", 100, 2.0))
+        await wait_for(lambda: aggregator.stats.latest("federated") is not None, "a first point")
+        await two.publish_eval(report("dev-02", 300, 4.0))  # within the second
+        await wait_for(
+            lambda: aggregator.stats.latest_target == 3.5, "the point with both devices", 5.0
+        )
+        point = aggregator.stats.latest("federated")
+        assert point is not None and point.devices == 2

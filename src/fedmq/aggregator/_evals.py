@@ -19,6 +19,7 @@ aggregator has no held-out set of its own.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -52,15 +53,34 @@ class _Host(Protocol):
 
 
 async def serve_evals(aggregator: _Host, reports: AsyncIterator[EvalReport]) -> None:
-    """Admit every report ``reports`` yields until it ends."""
+    """Admit every report ``reports`` yields until it ends.
+
+    A report taken within ``_POINT_EVERY_S`` of the last point is recorded by a timer
+    when the interval is up, so the last reports of a burst are never left unrecorded
+    until the next burst (versions later).
+    """
+    loop = asyncio.get_running_loop()
     last_point = -float("inf")
-    async for received in reports:
-        report = _admit(aggregator, received)
-        if report is None:
-            continue
-        now = time.monotonic()
-        if now - last_point >= _POINT_EVERY_S and _record(aggregator):
-            last_point = now
+    timer: asyncio.TimerHandle | None = None
+
+    def record() -> None:
+        nonlocal last_point, timer
+        timer = None
+        if _record(aggregator):
+            last_point = time.monotonic()
+
+    try:
+        async for received in reports:
+            if _admit(aggregator, received) is None or timer is not None:
+                continue  # nothing new, or a point is already due
+            wait = last_point + _POINT_EVERY_S - time.monotonic()
+            if wait <= 0:
+                record()
+            else:
+                timer = loop.call_later(wait, record)
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def _admit(aggregator: _Host, received: EvalReport) -> EvalEnvelope | None:
