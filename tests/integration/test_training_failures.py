@@ -9,6 +9,7 @@ training diverges (NaN in its data, as a blown-up learning rate would give) or r
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,10 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
 from fedmq.codecs import CodecConfig, encode_params
 from fedmq.models import build_model, get_params
 from fedmq.participant import Participant, ParticipantConfig
+from fedmq.tasks import DeviceData
 from fedmq.transport import (
     AggregatorTransport,
     Delivery,
@@ -137,3 +140,36 @@ async def test_an_exception_in_training_is_logged_with_its_traceback_and_counted
     assert len(failures) == 2 and all(r.levelno == logging.ERROR for r in failures)
     assert failures[0].exc_info is not None  # the traceback, for whoever has to fix it
     assert "RuntimeError" in failures[0].__dict__["fedmq_fields"]["error"]
+
+
+async def test_an_evaluation_that_fails_is_counted_and_training_goes_on(
+    transport_config: TransportConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A task whose evaluate gives 17 metrics (no report may carry more than 16): the
+    # report cannot be made. Before: the ValueError ended the device's TaskGroup.
+    caplog.set_level(logging.WARNING, "fedmq.participant")
+    torch.manual_seed(0)
+    x, y = torch.rand(N, 1, 28, 28), torch.randint(0, 10, (N,))
+    task = dataclasses.replace(
+        tasks.fmnist(),
+        evaluate=lambda _m, _d: {f"m{i:02d}": 1.0 for i in range(17)} | {"accuracy": 0.5},
+    )
+    data = DeviceData(train=TensorDataset(x, y), held_out=TensorDataset(x[:4], y[:4]))
+    config = dataclasses.replace(device_config("dev-01", tmp_path), eval_every=1)
+    async with (
+        connect_aggregator(transport_config) as aggregator,
+        connect_participant(transport_config, "dev-01") as link,
+        asyncio.TaskGroup() as tg,
+    ):
+        device = Participant(config, link, task, data)
+        updates = aiter(aggregator.updates())
+        device.start(tg)
+        for version in (1, 2):
+            await aggregator.publish_model(model_body(version), version=version)
+            while (await next_update(updates))[2] < version:
+                pass
+        await until(lambda: device.stats.eval_failed >= 2)
+        device.stop()
+    assert device.stats.published >= 2 and device.stats.evaluated == 0
+    failures = [r for r in caplog.records if r.getMessage() == "evaluation_failed"]
+    assert failures and "ValueError" in failures[0].__dict__["fedmq_fields"]["error"]

@@ -302,9 +302,12 @@ class Participant:
                 await self._eval_arrived.wait()
             version, params = self._latest
             done = version
+            if not self._io_tasks:
+                continue  # offline: a report on an old version is worth nothing later
             try:
-                metrics = await asyncio.to_thread(self._score, params)
-            except Exception as error:  # the task's evaluate: loud, counted, then go on
+                metrics, body = await asyncio.to_thread(self._report, version, params)
+            except Exception as error:  # the task's evaluate (or a report no aggregator
+                # would take, e.g. more than 16 metrics): loud, counted, then go on
                 self.stats.eval_failed += 1
                 log_event(
                     _log,
@@ -316,16 +319,6 @@ class Participant:
                     error=f"{type(error).__name__}: {error}",
                 )
                 continue
-            report = EvalEnvelope(
-                participant=self.config.participant_id,
-                version=version,
-                num_examples=len(self._held_out),  # type: ignore[arg-type]
-                metrics=metrics,
-                created=time.time(),
-            )
-            body = seal(encode_eval(report), self.config.update_signer)
-            if not self._io_tasks:
-                continue  # offline: a report on an old version is worth nothing later
             try:
                 await self._transport.publish_eval(body)
             except (PayloadTooLarge, TransportError) as error:
@@ -342,10 +335,20 @@ class Participant:
                 metrics={k: round(v, 6) for k, v in metrics.items()},
             )
 
-    def _score(self, params: Params) -> dict[str, float]:
+    def _report(self, version: int, params: Params) -> tuple[dict[str, float], bytes]:
+        """The task's metrics of ``params`` on the held-out data, and the sealed report
+        carrying them. In a worker thread."""
         assert self._eval_model is not None
         set_params(self._eval_model, params)
-        return self._task.score(self._eval_model, self._held_out)
+        metrics = self._task.score(self._eval_model, self._held_out)
+        report = EvalEnvelope(
+            participant=self.config.participant_id,
+            version=version,
+            num_examples=len(self._held_out),  # type: ignore[arg-type]
+            metrics=metrics,
+            created=time.time(),
+        )
+        return metrics, seal(encode_eval(report), self.config.update_signer)
 
     def _accept_model(self, body: bytes) -> tuple[int, Params] | None:
         """Verify (when a model key is configured) and take a model. In a worker thread."""
