@@ -111,6 +111,10 @@ class Participant:
         self._load_feedback()
         self._eval_model = task.build_model(config.seed) if self._evaluates else None
         self._eval_arrived = asyncio.Event()
+        # The newest report made, not yet sent: (version, metrics, sealed body). Sent by an
+        # I/O task, so that going offline (detach) never leaves a publish on a closed link.
+        self._report: tuple[int, dict[str, float], bytes] | None = None
+        self._report_ready = asyncio.Event()
         self._view = ModelView(self._spec, config.limits)
         self._rounds = rounds
         self._round: int | None = None  # the model version the next round trains on
@@ -165,6 +169,8 @@ class Participant:
             self._tg.create_task(self._receive_models(), name=f"{pid}:models"),
             self._tg.create_task(self._drain_outbox(), name=f"{pid}:outbox"),
         ]
+        if self._evaluates:
+            self._io_tasks.append(self._tg.create_task(self._send_reports(), name=f"{pid}:reports"))
 
     async def detach(self) -> None:
         """Go offline: stop receiving models and publishing; training goes on.
@@ -305,7 +311,7 @@ class Participant:
             if not self._io_tasks:
                 continue  # offline: a report on an old version is worth nothing later
             try:
-                metrics, body = await asyncio.to_thread(self._report, version, params)
+                metrics, body = await asyncio.to_thread(self._make_report, version, params)
             except Exception as error:  # the task's evaluate (or a report no aggregator
                 # would take, e.g. more than 16 metrics): loud, counted, then go on
                 self.stats.eval_failed += 1
@@ -319,6 +325,18 @@ class Participant:
                     error=f"{type(error).__name__}: {error}",
                 )
                 continue
+            self._report = (version, metrics, body)  # the newest wins
+            self._report_ready.set()
+
+    async def _send_reports(self) -> None:
+        """Publish the newest report made (an I/O task: cancelled by ``detach``)."""
+        while True:
+            await self._report_ready.wait()
+            self._report_ready.clear()
+            if self._report is None:
+                continue
+            version, metrics, body = self._report
+            self._report = None
             try:
                 await self._transport.publish_eval(body)
             except (PayloadTooLarge, TransportError) as error:
@@ -335,7 +353,7 @@ class Participant:
                 metrics={k: round(v, 6) for k, v in metrics.items()},
             )
 
-    def _report(self, version: int, params: Params) -> tuple[dict[str, float], bytes]:
+    def _make_report(self, version: int, params: Params) -> tuple[dict[str, float], bytes]:
         """The task's metrics of ``params`` on the held-out data, and the sealed report
         carrying them. In a worker thread."""
         assert self._eval_model is not None
