@@ -12,6 +12,8 @@ from fedmq.strategies._fedasync import FedAsyncConfig, fedasync_apply
 from fedmq.strategies._fedavg import FedAvgConfig, fedavg_aggregate
 from fedmq.strategies._fedbuff import (
     SERVER_OPTIMIZERS,
+    Combine,
+    Entry,
     FedBuffConfig,
     FedBuffState,
     ServerOptimizer,
@@ -21,6 +23,7 @@ from fedmq.strategies._fedbuff import (
     fedbuff_init,
     fedbuff_ready,
     fedbuff_warnings,
+    weighted_mean,
 )
 from fedmq.strategies._staleness import (
     STALENESS_FUNCTIONS,
@@ -56,8 +59,10 @@ __all__ = [
     "SERVER_OPTIMIZERS",
     "STALENESS_FUNCTIONS",
     "STRATEGY_NAMES",
+    "Combine",
     "Contribution",
     "Delta",
+    "Entry",
     "FedAsyncConfig",
     "FedAvgConfig",
     "FedAvgState",
@@ -90,4 +95,5 @@ __all__ = [
     "strategy_to_dict",
     "strategy_warnings",
     "tuned",
+    "weighted_mean",
 ]

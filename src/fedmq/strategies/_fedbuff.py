@@ -38,7 +38,7 @@ configuration refuses (``ConfigError``) those that cannot work (``MAX_EFFECTIVE_
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal, get_args
@@ -63,6 +63,8 @@ __all__ = [
     "MAX_ADAM_LR",
     "MAX_EFFECTIVE_STEP",
     "SERVER_OPTIMIZERS",
+    "Combine",
+    "Entry",
     "FedBuffConfig",
     "FedBuffState",
     "ServerOptimizer",
@@ -72,6 +74,7 @@ __all__ = [
     "fedbuff_init",
     "fedbuff_ready",
     "fedbuff_warnings",
+    "weighted_mean",
 ]
 
 ServerOptimizer = Literal["sgd", "momentum", "adam"]
@@ -95,6 +98,15 @@ _RISKY_ADAM_EPS = 1e-6
 
 _Arrays = Mapping[str, npt.NDArray[np.float32]]
 _Entry = tuple[Mapping[str, npt.NDArray[np.float32] | SparseTensor], float]
+Entry = _Entry
+"""One buffered contribution: (delta, staleness weight s(d))."""
+
+Combine = Callable[[Sequence[_Entry], int], dict[str, npt.NDArray[np.float32]]]
+"""How a full buffer becomes the server step's direction ``g``: ``combine(entries, k)``
+returns a new float32 array per tensor (the caller may write into them). ``k`` is the
+denominator of a mean (``buffer_size`` when the buffer filled). The default is
+``weighted_mean`` (FedBuff's own rule); the robust rules and the client-level DP
+mechanism are other ``Combine`` functions (strategies/_robust.py, privacy/)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,12 +277,21 @@ def fedbuff_ready(state: FedBuffState, config: FedBuffConfig) -> bool:
     return len(state.entries) >= config.buffer_size
 
 
+def weighted_mean(entries: Sequence[_Entry], k: int) -> dict[str, npt.NDArray[np.float32]]:
+    """FedBuff's own ``Combine``: ``g = (1 / k) * sum_i s(d_i) * delta_i``, per tensor."""
+    return {name: _weighted_mean(entries, name, k) for name in entries[0][0]}
+
+
 def fedbuff_flush(
-    global_: Params, state: FedBuffState, config: FedBuffConfig
+    global_: Params,
+    state: FedBuffState,
+    config: FedBuffConfig,
+    combine: Combine = weighted_mean,
 ) -> tuple[dict[str, npt.NDArray[np.float32]], FedBuffState]:
     """Apply the buffered deltas in one server step; returns the new model and state.
 
-    See the module docstring for the formulas. ``K`` is the number of entries
+    See the module docstring for the formulas; ``combine`` turns the buffer into ``g``
+    (default: the weighted mean). ``K`` is the number of entries
     buffered, which is ``buffer_size`` unless flushed early (at shutdown, say).
     The returned state has an empty buffer. Inputs are never modified.
     ``ValueError`` if the buffer is empty or does not fit ``global_``.
@@ -279,7 +300,7 @@ def fedbuff_flush(
         raise ValueError("fedbuff_flush: the buffer is empty")
     check_compatible(global_, state.entries[0][0], "buffered delta")
     k = len(state.entries)
-    g = {name: _weighted_mean(state.entries, name, k) for name in global_}
+    g = combine(state.entries, k)
     lr = config.lr
     m, v = state.m, state.v
     match config.server_optimizer:
@@ -311,7 +332,7 @@ def fedbuff_flush(
     return new_global, new_state
 
 
-def _weighted_mean(entries: tuple[_Entry, ...], name: str, k: int) -> npt.NDArray[np.float32]:
+def _weighted_mean(entries: Sequence[_Entry], name: str, k: int) -> npt.NDArray[np.float32]:
     """``sum_i w_i * delta_i[name] / k`` in float32, accumulated in place (no temporaries
     per term beyond one scratch array; the same roundings as the plain sum). Sparse terms
     add into their own entries only (consecutive ones in one call): the same float32

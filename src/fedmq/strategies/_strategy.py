@@ -32,6 +32,7 @@ from fedmq.strategies._common import (
 from fedmq.strategies._fedasync import FedAsyncConfig, fedasync_apply
 from fedmq.strategies._fedavg import FedAvgConfig, fedavg_aggregate
 from fedmq.strategies._fedbuff import (
+    Combine,
     FedBuffConfig,
     FedBuffState,
     fedbuff_add,
@@ -39,6 +40,7 @@ from fedmq.strategies._fedbuff import (
     fedbuff_init,
     fedbuff_ready,
     fedbuff_warnings,
+    weighted_mean,
 )
 
 __all__ = [
@@ -175,13 +177,17 @@ def strategy_warnings(config: StrategyConfig) -> tuple[str, ...]:
     return fedbuff_warnings(config.fedbuff) if config.name == "fedbuff" else ()
 
 
-def make_strategy(config: StrategyConfig) -> Strategy:
-    """The strategy ``config.name`` selects, configured by its own section."""
+def make_strategy(config: StrategyConfig, *, combine: Combine | None = None) -> Strategy:
+    """The strategy ``config.name`` selects, configured by its own section.
+
+    ``combine``: how FedBuff turns a full buffer into its step (default: the weighted
+    mean); only FedBuff takes one.
+    """
     match config.name:
         case "fedasync":
             return _FedAsync(config.fedasync, config.max_staleness)
         case "fedbuff":
-            return _FedBuff(config.fedbuff, config.max_staleness)
+            return _FedBuff(config.fedbuff, config.max_staleness, combine or weighted_mean)
         case "fedavg":
             return _FedAvg(config.fedavg)
 
@@ -229,9 +235,10 @@ class _FedAsync:
 class _FedBuff:
     """Buffers until ``buffer_size`` deltas, then one server-optimizer step."""
 
-    def __init__(self, config: FedBuffConfig, max_staleness: int) -> None:
+    def __init__(self, config: FedBuffConfig, max_staleness: int, combine: Combine) -> None:
         self._config = config
         self._max_staleness = max_staleness
+        self._combine = combine
 
     @property
     def needs_base(self) -> bool:
@@ -254,7 +261,7 @@ class _FedBuff:
         )
         if not fedbuff_ready(buffered, self._config):
             return None, buffered
-        return fedbuff_flush(global_, buffered, self._config)
+        return fedbuff_flush(global_, buffered, self._config, self._combine)
 
     def pending(self, state: object) -> int:
         return len(_expect(state, FedBuffState).entries)
@@ -266,7 +273,7 @@ class _FedBuff:
         buffered = _expect(state, FedBuffState)
         if not buffered.entries:
             return None, state
-        return fedbuff_flush(global_, buffered, self._config)
+        return fedbuff_flush(global_, buffered, self._config, self._combine)
 
 
 @dataclass(frozen=True, eq=False)
