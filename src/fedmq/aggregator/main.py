@@ -51,8 +51,9 @@ async def run_aggregator(
     *,
     metrics: MetricsConfig | None = None,
 ) -> int:
-    """Serve ``task`` until cancelled (SIGTERM / Ctrl-C); evaluate on ``central`` when
-    given, else only by the devices' reports; Prometheus metrics on ``metrics.port``."""
+    """Serve ``task`` until cancelled (SIGTERM / Ctrl-C), or until the client-level DP
+    budget is spent (then 0: a clean stop); evaluate on ``central`` when given, else only
+    by the devices' reports; Prometheus metrics on ``metrics.port``."""
     evaluator = make_evaluator(config, task, central)
     initial = get_params(task.build_model(config.seed))
     log_event(
@@ -70,8 +71,10 @@ async def run_aggregator(
         async with _metrics_server(aggregator, metrics), asyncio.TaskGroup() as tg:
             if metrics is not None and metrics.port:
                 log_event(_log, "metrics", url=f"http://{metrics.host}:{metrics.port}/metrics")
-            tg.create_task(aggregator.run(tg), name="aggregator")
-            tg.create_task(_status(aggregator.stats), name="status")
+            service = tg.create_task(aggregator.run(tg), name="aggregator")
+            status = tg.create_task(_status(aggregator.stats), name="status")
+            # run() returns by itself only when the privacy budget is spent: a clean stop.
+            service.add_done_callback(lambda _: status.cancel())
     return 0
 
 
@@ -87,4 +90,12 @@ async def _status(stats: AggregatorStats, every_s: float = 10.0) -> None:
             target=stats.target.name,
             value=stats.latest_target,
             mean_staleness=round(stats.mean_staleness, 2),
+            **(
+                {
+                    "dp_epsilon": round(stats.privacy["epsilon"], 4),
+                    "dp_steps": stats.privacy["steps"],
+                }
+                if stats.privacy is not None
+                else {}
+            ),
         )
