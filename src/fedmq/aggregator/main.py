@@ -10,12 +10,14 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from fedmq._log import log_event
+from fedmq.aggregator._checkpoint import load_checkpoint
 from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._evaluator import Evaluator
 from fedmq.aggregator._metrics import MetricsConfig, MetricsServer, registry_for
 from fedmq.aggregator._service import Aggregator
 from fedmq.aggregator._stats import AggregatorStats
 from fedmq.models import get_params
+from fedmq.privacy import ClientPrivacy
 from fedmq.tasks import Task
 from fedmq.transport import TransportConfig, connect_aggregator
 
@@ -54,6 +56,7 @@ async def run_aggregator(
     """Serve ``task`` until cancelled (SIGTERM / Ctrl-C), or until the client-level DP
     budget is spent (then 0: a clean stop); evaluate on ``central`` when given, else only
     by the devices' reports; Prometheus metrics on ``metrics.port``."""
+    _check_budget(config)
     evaluator = make_evaluator(config, task, central)
     initial = get_params(task.build_model(config.seed))
     log_event(
@@ -76,6 +79,17 @@ async def run_aggregator(
             # run() returns by itself only when the privacy budget is spent: a clean stop.
             service.add_done_callback(lambda _: status.cancel())
     return 0
+
+
+def _check_budget(config: AggregatorConfig) -> None:
+    """A checkpoint whose privacy budget is spent is a one-line ConfigError, before the
+    process connects or logs anything (the service would refuse it the same way)."""
+    if config.privacy is None or config.checkpoint_dir is None:
+        return
+    checkpoint = load_checkpoint(config.checkpoint_dir)
+    if checkpoint is not None:
+        state = checkpoint.counters.get("privacy")
+        ClientPrivacy(config.privacy, config.strategy.fedbuff.buffer_size, state=state)
 
 
 async def _status(stats: AggregatorStats, every_s: float = 10.0) -> None:
