@@ -219,3 +219,35 @@ def test_bad_dp_config_is_a_one_line_error(
     assert result.returncode == 2
     err = result.stderr.strip()
     assert err.count("\n") == 0 and err.startswith("fedmq: error: ") and needle in err, err
+
+
+async def test_a_step_published_before_any_checkpoint_survives_a_kill_9(
+    amqp_url: str, job: str, tmp_path: Path, data_dir: Path
+) -> None:
+    # No checkpoint is written before the kill (16 updates or 600 s): only the step
+    # ledger, written before each noised model goes out, knows steps 1 and 2.
+    args = [
+        *_dp_args(amqp_url, job, tmp_path / "ckpt", "--dp-noise-multiplier", "2"),
+        *("--checkpoint-interval", "600"),
+    ]
+    runs: list[FedmqProcess] = []
+    try:
+        first = FedmqProcess("aggregator.run0", args, tmp_path, data_dir)
+        runs.append(first)
+        wait_for(lambda: first.events("published"), 90, "the first publish", [first])
+        for i in range(1, 5):
+            pid = f"dev-{i:02d}"
+            await send(amqp_url, job, pid, cnn_update(pid, 1, 0))
+        wait_for(lambda: len(first.events("privacy_step")) == 2, 60, "two steps", [first])
+        assert not first.events("committed")
+        first.kill()
+        second = FedmqProcess("aggregator.run1", args, tmp_path, data_dir)
+        runs.append(second)
+        # The four unacked updates come again: two more steps, counted from 2.
+        wait_for(lambda: len(second.events("privacy_step")) == 2, 90, "the redelivered", [second])
+    finally:
+        for proc in runs:
+            proc.stop()
+    assert [e["steps"] for e in second.events("privacy_step")] == [3, 4]
+    last = second.events("privacy_step")[-1]
+    assert last["epsilon"] == pytest.approx(client_epsilon([(2.0, 1, 4)], 1e-5), rel=1e-5)

@@ -292,3 +292,17 @@ def test_dp_refused_without_fedbuff(name: str) -> None:
 def test_budget_too_small_for_one_step() -> None:
     with pytest.raises(ConfigError, match="spent"):
         ClientPrivacy(ClientDPConfig(clip_norm=1.0, noise_multiplier=0.5, target_epsilon=0.1), 1)
+
+
+def test_a_ledger_newer_than_the_checkpoint_wins() -> None:
+    from fedmq.privacy import newest_state
+
+    checkpoint = {"segments": [[1.0, 2, 3]], "last_step": {"a": 3}, "pending": ["b"]}
+    ledger = {"segments": [[1.0, 2, 4]], "last_step": {"a": 3, "b": 4}, "pending": []}
+    merged = newest_state(checkpoint, ledger)
+    assert merged is not None
+    assert merged["segments"] == [[1.0, 2, 4]]  # the step whose model went out counts
+    assert merged["last_step"] == {"a": 3, "b": 4}
+    assert merged["pending"] == ["b"]  # the restored buffer's devices
+    assert newest_state(checkpoint, {**checkpoint, "pending": []}) is checkpoint
+    assert newest_state(None, ledger) == {**ledger, "pending": []}

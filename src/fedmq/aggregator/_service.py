@@ -38,7 +38,9 @@ from fedmq.aggregator._checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,
+    load_privacy_ledger,
     save_checkpoint,
+    save_privacy_ledger,
 )
 from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._downlink import Downlink
@@ -50,7 +52,7 @@ from fedmq.aggregator._tuning import retuned, serve_controls
 from fedmq.aggregator._versions import VersionStore
 from fedmq.codecs import CodecConfig, encode_params
 from fedmq.errors import ConfigError, Rejection
-from fedmq.privacy import ClientPrivacy
+from fedmq.privacy import ClientPrivacy, newest_state
 from fedmq.strategies import (
     Contribution,
     Delta,
@@ -152,6 +154,10 @@ class Aggregator:
             checkpoint = load_checkpoint(config.checkpoint_dir)
             if checkpoint is not None:
                 self._restore(checkpoint)
+            elif config.privacy is not None:  # steps taken before any checkpoint was written
+                ledger = load_privacy_ledger(config.checkpoint_dir)
+                self._privacy = self._new_privacy(config, newest_state(None, ledger))
+                self._strategy = self._make_strategy(config.strategy)
             self._restore_versions(self._versions)
 
     def _restore_versions(self, store: VersionStore) -> None:
@@ -189,7 +195,11 @@ class Aggregator:
         counters = checkpoint.counters
         # The accountant carries on from the checkpoint: a crash never resets the budget
         # (ConfigError if it is already spent).
-        self._privacy = self._new_privacy(self.config, counters.get("privacy"))
+        if self.config.privacy is not None:
+            assert self.config.checkpoint_dir is not None
+            ledger = load_privacy_ledger(self.config.checkpoint_dir)
+            state = newest_state(counters.get("privacy"), ledger)
+            self._privacy = self._new_privacy(self.config, state)
         self._strategy = self._make_strategy(self.config.strategy)
         self._bounds = UpdateBounds(
             self.config.bounds, counters.get("recent_norms", ()), clipped=counters.get("clipped", 0)
@@ -320,6 +330,12 @@ class Aggregator:
         if self._version not in self._history:
             await self._publish()
 
+    def _save_ledger(self) -> None:
+        """The accountant's state, durable before the step's model is published (a small
+        file, fsync'd on the event loop: no await between the step and its record)."""
+        if self._privacy is not None and self.config.checkpoint_dir is not None:
+            save_privacy_ledger(self.config.checkpoint_dir, self._privacy.state())
+
     def _privacy_stepped(self) -> None:
         """After a server step under client-level DP: report epsilon, and stop before the
         step that would exceed the budget (the updates not yet applied stay queued)."""
@@ -431,11 +447,13 @@ class Aggregator:
             staleness=contribution.staleness,
             loss=round(update.loss, 4),
         )
-        if new_params is not None:
-            await self._advance(new_params)
         if self._privacy is not None:
             self._privacy.applied(update.participant, stepped=new_params is not None)
             if new_params is not None:
+                self._save_ledger()  # before the noised model can go out
+        if new_params is not None:
+            await self._advance(new_params)
+            if self._privacy is not None:
                 self._privacy_stepped()
         self.stats.apply_seconds.observe(time.perf_counter() - started)
         await self._settle_later(delivery, None, (update.participant, update.seq))
@@ -457,9 +475,11 @@ class Aggregator:
                 )
                 self.stats.buffered = self._strategy.pending(self._state)
                 if new_params is not None:
-                    await self._advance(new_params)
                     if self._privacy is not None:
                         self._privacy.stepped()
+                        self._save_ledger()
+                    await self._advance(new_params)
+                    if self._privacy is not None:
                         self._privacy_stepped()
             if self.config.checkpoint_dir is not None:
                 await asyncio.shield(self._commit(force=True))

@@ -10,14 +10,14 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from fedmq._log import log_event
-from fedmq.aggregator._checkpoint import load_checkpoint
+from fedmq.aggregator._checkpoint import load_checkpoint, load_privacy_ledger
 from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._evaluator import Evaluator
 from fedmq.aggregator._metrics import MetricsConfig, MetricsServer, registry_for
 from fedmq.aggregator._service import Aggregator
 from fedmq.aggregator._stats import AggregatorStats
 from fedmq.models import get_params
-from fedmq.privacy import ClientPrivacy
+from fedmq.privacy import ClientPrivacy, newest_state
 from fedmq.tasks import Task
 from fedmq.transport import TransportConfig, connect_aggregator
 
@@ -87,9 +87,11 @@ def _check_budget(config: AggregatorConfig) -> None:
     if config.privacy is None or config.checkpoint_dir is None:
         return
     checkpoint = load_checkpoint(config.checkpoint_dir)
-    if checkpoint is not None:
-        state = checkpoint.counters.get("privacy")
-        ClientPrivacy(config.privacy, config.strategy.fedbuff.buffer_size, state=state)
+    state = newest_state(
+        checkpoint.counters.get("privacy") if checkpoint is not None else None,
+        load_privacy_ledger(config.checkpoint_dir),
+    )
+    ClientPrivacy(config.privacy, config.strategy.fedbuff.buffer_size, state=state)
 
 
 async def _status(stats: AggregatorStats, every_s: float = 10.0) -> None:

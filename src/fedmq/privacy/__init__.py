@@ -7,7 +7,7 @@
 """
 
 from fedmq.privacy._accountant import calibrate_noise, client_epsilon, participations
-from fedmq.privacy._central import ClientDPConfig, ClientPrivacy
+from fedmq.privacy._central import ClientDPConfig, ClientPrivacy, newest_state
 from fedmq.privacy._clip import clip, l2_norm
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "client_epsilon",
     "clip",
     "l2_norm",
+    "newest_state",
     "participations",
 ]

@@ -39,7 +39,7 @@ from fedmq.privacy._accountant import Segment, calibrate_noise, client_epsilon
 from fedmq.privacy._clip import clip
 from fedmq.strategies import Entry, weighted_mean
 
-__all__ = ["ClientDPConfig", "ClientPrivacy"]
+__all__ = ["ClientDPConfig", "ClientPrivacy", "newest_state"]
 
 
 def _number(value: object) -> bool:
@@ -254,3 +254,31 @@ class ClientPrivacy:
             "pending": sorted(self._pending),
             "delta": self.config.delta,
         }
+
+
+def newest_state(
+    checkpoint: Mapping[str, Any] | None, ledger: Mapping[str, Any] | None
+) -> Mapping[str, Any] | None:
+    """The accountant state to resume from: the checkpoint's, unless the step ledger
+    (written before each noised model goes out) has more steps. Then a crash came between
+    a publish and the next checkpoint: that step's model was released, so its step counts
+    (its segments are taken), and each device's last step is the later of the two; the
+    devices in the buffer are the checkpoint's, since its buffer is the one restored."""
+    if ledger is None:
+        return checkpoint
+    if checkpoint is None:
+        return {**ledger, "pending": []}
+
+    def steps(state: Mapping[str, Any]) -> int:
+        return sum(int(s[2]) for s in state.get("segments", ()))
+
+    if steps(ledger) <= steps(checkpoint):
+        return checkpoint
+    last = {str(k): int(v) for k, v in checkpoint.get("last_step", {}).items()}
+    for device, step in ledger.get("last_step", {}).items():
+        last[str(device)] = max(int(step), last.get(str(device), 0))
+    return {
+        "segments": ledger["segments"],
+        "last_step": last,
+        "pending": list(checkpoint.get("pending", ())),
+    }
