@@ -306,3 +306,48 @@ def test_a_ledger_newer_than_the_checkpoint_wins() -> None:
     assert merged["pending"] == ["b"]  # the restored buffer's devices
     assert newest_state(checkpoint, {**checkpoint, "pending": []}) is checkpoint
     assert newest_state(None, ledger) == {**ledger, "pending": []}
+
+
+def test_device_clips_before_the_codec_and_feedback_keeps_only_the_codec_error() -> None:
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from fedmq.codecs import CodecConfig
+    from fedmq.participant._trainer import Trainer
+    from fedmq.tasks import DeviceData, Metric, Task, Training
+    from fedmq.wire import decode_update, materialize
+
+    def train(model: nn.Module, data: object, training: Training, seed: int) -> float:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(3.0)  # a delta of 3 everywhere: norm 3 * sqrt(4) = 6
+        return 0.5
+
+    x = torch.zeros(4, 3)
+    task = Task(
+        name="tiny",
+        model=lambda: nn.Linear(3, 1),
+        load_data=lambda path: DeviceData(train=TensorDataset(x), held_out=TensorDataset(x)),
+        evaluate=lambda model, dataset: {"rmse": 1.0},
+        target=Metric("rmse", higher_is_better=False),
+        train=train,
+    )
+    trainer = Trainer(
+        participant_id="dev-1",
+        task=task,
+        data=TensorDataset(x),
+        seed=0,
+        codec=CodecConfig(name="int4", block_size=64),
+        clip_norm=1.0,
+    )
+    base = {k: v.detach().numpy().copy() for k, v in trainer.model.state_dict().items()}
+    body = trainer.step(0, base, 1, 0.0)
+    assert body is not None
+    sent = materialize(decode_update(body, spec=tensor_spec_of(base)).tensors)
+    assert trainer.feedback is not None
+    residual = trainer.feedback.state_dict()
+    for name in base:  # clipped delta = 3 / 6 = 0.5 everywhere = what was sent + residual
+        np.testing.assert_allclose(sent[name] + residual[name], 0.5, rtol=1e-5)
+    total = math.sqrt(sum(float(np.sum(r**2)) for r in residual.values()))
+    assert total < 0.1  # the codec's error only, not the 5 that clipping removed
