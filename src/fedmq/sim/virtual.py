@@ -19,8 +19,9 @@ Modelled, not measured (stated in the report):
   delay_unit before it publishes, as in the real fleet;
 - delivery is instant: an online device holds the newest model; a device coming
   back online downloads one full model (the last keyframe, in the real system);
-- an update that arrives too stale is dropped without being computed (it would
-  not change the model; the device's error-feedback residual is not advanced);
+- an update that arrives too stale, or that client-level DP's participation rules
+  refuse, is dropped without being computed (it would not change the model; the
+  device's error-feedback residual is not advanced);
 - the model is evaluated every ``eval_every_s`` simulated seconds: on the task's
   central held-out set when it has one; else every device that has held-out data
   scores it (``Task.score``) and the scores are combined as the aggregator combines
@@ -265,6 +266,15 @@ class _Sim:
             self.stats.bytes_in += self._update_size(d, seq, base)
             self.stats.rejected["too_stale"] += 1
             return
+        if self.privacy is not None:
+            # Refused by client-level DP's participation rules whatever it holds: not
+            # computed either (admit would refuse it the same way; saves a training).
+            try:
+                self.privacy.check(d.pid)
+            except Rejection as rejection:
+                self.stats.bytes_in += self._update_size(d, seq, base)
+                self.stats.rejected[rejection.reason.value] += 1
+                return
         body = self._compute_update(d, seq, base)
         if body is None:
             # A real device skips it when training ends (update_skipped): nothing was sent.
