@@ -173,6 +173,20 @@ _PRIVACY = [
         None,
         "client-level DP: server steps the budget is planned for (calibrates the noise)",
     ),
+    Option(
+        "dp_adaptive_quantile",
+        float,
+        None,
+        "client-level DP: adaptive clipping, C tracks this quantile of update norms"
+        " (--clip-norm is the start)",
+    ),
+    Option("dp_adaptive_lr", float, 0.2, "client-level DP: adaptive clipping's learning rate"),
+    Option(
+        "dp_count_noise",
+        float,
+        0.0,
+        "client-level DP: noise std of adaptive clipping's count (Andrew et al.: K / 20)",
+    ),
 ]
 _TRAINING = [
     Option("epochs", int, None, "local epochs per update (default: the task's)"),
@@ -412,7 +426,8 @@ def aggregator_config(v: Values) -> AggregatorConfig:
             max_update_norm=v.get("max_update_norm", 1e4),
             norm_factor=v.get("update_norm_factor", 10.0),
             max_num_examples=v.get("max_num_examples", 1_000_000),
-            clip_norm=v.get("clip_norm"),
+            # Adaptive clipping: the DP mechanism clips to the C in force, not to the start.
+            clip_norm=None if v.get("dp_adaptive_quantile") is not None else v.get("clip_norm"),
             clip_mode=v.get("clip_mode", "clip"),
         ),
         privacy=privacy_config(v),
@@ -446,6 +461,9 @@ def privacy_config(v: Values) -> ClientDPConfig | None:
         delta=v.get("dp_delta", 1e-5),
         min_gap=v.get("dp_min_gap", 1),
         planned_steps=v.get("dp_planned_steps"),
+        adaptive_quantile=v.get("dp_adaptive_quantile"),
+        adaptive_lr=v.get("dp_adaptive_lr", 0.2),
+        count_noise=v.get("dp_count_noise", 0.0),
     )
 
 
@@ -516,7 +534,9 @@ def participant_config(v: Values, participant_id: str, state_dir: Path) -> Parti
         limits=WireLimits(max_message_bytes=v["max_message_bytes"]),
         update_signer=_signer(v.get("signing_key"), v["job"]),
         model_verifier=_verifier(v.get("aggregator_key"), v["job"]),
-        clip_norm=v.get("clip_norm"),
+        # With adaptive clipping the simulated devices leave clipping to the aggregator
+        # (they cannot know the C in force).
+        clip_norm=None if v.get("dp_adaptive_quantile") is not None else v.get("clip_norm"),
     )
 
 

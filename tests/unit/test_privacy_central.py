@@ -257,7 +257,7 @@ def test_state_round_trip_and_spent_budget() -> None:
     assert more.epsilon() == pytest.approx(privacy.epsilon())
     # a new z starts a new segment; the old steps still count
     other = ClientPrivacy(ClientDPConfig(clip_norm=1.0, noise_multiplier=3.0), 1, state=state)
-    assert other.segments == [(1.0, 1, privacy.steps), (3.0, 1, 0)]
+    assert other.segments == [(1.0, 1, privacy.steps, 0.0), (3.0, 1, 0, 0.0)]
 
 
 @pytest.mark.parametrize(
@@ -351,3 +351,66 @@ def test_device_clips_before_the_codec_and_feedback_keeps_only_the_codec_error()
         np.testing.assert_allclose(sent[name] + residual[name], 0.5, rtol=1e-5)
     total = math.sqrt(sum(float(np.sum(r**2)) for r in residual.values()))
     assert total < 0.1  # the codec's error only, not the 5 that clipping removed
+
+
+# -- adaptive clipping (Andrew et al., 2021) -------------------------------------------
+
+
+def test_adaptive_clipping_moves_c_from_a_noised_count_once_the_step_is_taken() -> None:
+    z, c, k, q, lr, sigma = 1.0, 1.0, 4, 0.5, 0.2, 0.5
+    config = ClientDPConfig(
+        clip_norm=c,
+        noise_multiplier=z,
+        adaptive_quantile=q,
+        adaptive_lr=lr,
+        count_noise=sigma,
+    )
+    privacy = ClientPrivacy(config, k, rng=np.random.default_rng(11))
+    small = {"w": np.array([0.3], np.float32)}  # within C
+    large = {"w": np.array([5.0], np.float32)}  # above C
+    g = privacy.combine([(small, 1.0), (small, 1.0), (small, 1.0), (large, 1.0)], 4)
+    rng = np.random.default_rng(11)
+    noise = rng.standard_normal((1,), dtype=np.float32)
+    count = (3 + rng.normal(0.0, sigma)) / k  # three of four within C, noised
+    np.testing.assert_allclose(g["w"], (0.9 + 1.0 + z * c * noise) / k, rtol=1e-5)
+    assert privacy.clip_norm == c  # not before the step is applied
+    privacy.stepped()
+    assert privacy.clip_norm == pytest.approx(c * math.exp(-lr * (count - q)))
+    assert privacy.state()["clip_norm"] == privacy.clip_norm  # checkpointed
+
+
+def test_the_noised_count_is_accounted_as_a_second_gaussian_per_step() -> None:
+    z, sigma, delta = 1.2, 2.0, 1e-5
+    accountant = rdp.RdpAccountant(
+        neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+    )
+    step = dp_accounting.ComposedDpEvent(
+        [dp_accounting.GaussianDpEvent(z), dp_accounting.GaussianDpEvent(sigma)]
+    )
+    accountant.compose(dp_accounting.SelfComposedDpEvent(step, 5))
+    got = client_epsilon([(z, 1, 5, sigma)], delta)
+    assert got == pytest.approx(accountant.get_epsilon(delta), rel=1e-12)
+    assert got > client_epsilon([(z, 1, 5)], delta)  # it costs something
+    calibrated = ClientDPConfig(
+        clip_norm=1.0,
+        target_epsilon=4.0,
+        planned_steps=50,
+        adaptive_quantile=0.5,
+        count_noise=20.0,
+    )
+    assert client_epsilon([(calibrated.z, 1, 50, 20.0)], delta) <= 4.0
+    with pytest.raises(ConfigError, match="noised count alone"):
+        ClientDPConfig(
+            clip_norm=1.0,
+            target_epsilon=4.0,
+            planned_steps=50,
+            adaptive_quantile=0.5,
+            count_noise=sigma,
+        )
+
+
+def test_adaptive_clipping_needs_count_noise() -> None:
+    with pytest.raises(ConfigError, match="count_noise"):
+        ClientDPConfig(clip_norm=1.0, noise_multiplier=1.0, adaptive_quantile=0.5)
+    with pytest.raises(ConfigError, match="adaptive_quantile"):
+        ClientDPConfig(clip_norm=1.0, noise_multiplier=1.0, adaptive_quantile=1.5, count_noise=1.0)

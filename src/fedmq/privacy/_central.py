@@ -35,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmq.errors import ConfigError, Reason, RejectedUpdate
-from fedmq.privacy._accountant import Segment, calibrate_noise, client_epsilon
+from fedmq.privacy._accountant import calibrate_noise, client_epsilon
 from fedmq.privacy._clip import clip
 from fedmq.strategies import Entry, weighted_mean
 
@@ -61,6 +61,12 @@ class ClientDPConfig:
     ``target_epsilon``: the budget; the aggregator stops by itself before the step that
     would exceed it (None: no budget, epsilon is only reported).
     ``min_gap``: server steps at least between two of one device's contributions.
+    ``adaptive_quantile`` (None: a fixed C): adaptive clipping (Andrew et al., 2021):
+    after each step ``C <- C * exp(-adaptive_lr * (b - adaptive_quantile))``, ``b`` the
+    fraction of the step's updates within C, counted with Gaussian noise of std
+    ``count_noise`` (> 0 required; Andrew et al. use K / 20) and divided by K. The
+    noised count is a second Gaussian mechanism per step, which the accountant composes
+    (and the calibration of z includes). ``clip_norm`` is then the starting C.
     """
 
     clip_norm: float
@@ -69,6 +75,9 @@ class ClientDPConfig:
     delta: float = 1e-5
     min_gap: int = 1
     planned_steps: int | None = None
+    adaptive_quantile: float | None = None
+    adaptive_lr: float = 0.2
+    count_noise: float = 0.0
 
     def __post_init__(self) -> None:
         def refuse(field: str, allowed: str, value: object) -> None:
@@ -89,6 +98,16 @@ class ClientDPConfig:
         steps = self.planned_steps
         if steps is not None and not (_int(steps) and steps >= 1):
             refuse("planned_steps", "an integer >= 1", steps)
+        q = self.adaptive_quantile
+        if q is not None:
+            if not (_number(q) and 0 < q < 1):
+                refuse("adaptive_quantile", "in (0, 1)", q)
+            if not (_number(self.adaptive_lr) and self.adaptive_lr > 0):
+                refuse("adaptive_lr", "a finite number > 0", self.adaptive_lr)
+            if not (_number(self.count_noise) and self.count_noise > 0):
+                refuse("count_noise", "> 0 with adaptive clipping (Andrew et al.: K / 20)", 0)
+        elif self.count_noise:
+            refuse("count_noise", "0 without adaptive clipping", self.count_noise)
         if z is None:
             if eps is None or steps is None:
                 raise ConfigError(
@@ -96,7 +115,9 @@ class ClientDPConfig:
                     " to calibrate it"
                 )
             object.__setattr__(
-                self, "noise_multiplier", calibrate_noise(eps, self.delta, steps, self.min_gap)
+                self,
+                "noise_multiplier",
+                calibrate_noise(eps, self.delta, steps, self.min_gap, self.count_noise),
             )
 
     @property
@@ -104,11 +125,6 @@ class ClientDPConfig:
         """``noise_multiplier``, always a number once constructed."""
         assert self.noise_multiplier is not None
         return self.noise_multiplier
-
-    @property
-    def noise_std(self) -> float:
-        """The noise std on the sum, per coordinate: ``z * C``."""
-        return self.z * self.clip_norm
 
 
 class ClientPrivacy:
@@ -137,13 +153,20 @@ class ClientPrivacy:
         self._segments: list[list[float | int]] = []
         self._last_step: dict[str, int] = {}  # device -> the server step it was last in
         self._pending: set[str] = set()  # devices whose update is in the buffer now
+        # The clip norm in force (adaptive clipping moves it after every step), and the
+        # one the step being taken computed, put in force once the step is applied.
+        self.clip_norm = config.clip_norm
+        self._next_clip: float | None = None
         if state:
-            self._segments = [list(s) for s in state.get("segments", ())]
+            self._segments = [_segment(s) for s in state.get("segments", ())]
+            if config.adaptive_quantile is not None and state.get("clip_norm"):
+                self.clip_norm = float(state["clip_norm"])
             self._last_step = {str(k): int(v) for k, v in state.get("last_step", {}).items()}
             self._pending = {str(p) for p in state.get("pending", ())}
-        current = (config.z, config.min_gap)
-        if not self._segments or tuple(self._segments[-1][:2]) != current:
-            self._segments.append([config.z, config.min_gap, 0])
+        current = (config.z, config.min_gap, 0, config.count_noise)
+        last = self._segments[-1] if self._segments else None
+        if last is None or (last[0], last[1], last[3]) != (current[0], current[1], current[3]):
+            self._segments.append(list(current))
         if self.exhausted():
             spent = self.epsilon()
             raise ConfigError(
@@ -184,6 +207,8 @@ class ClientPrivacy:
             self._last_step[participant] = step
         self._pending.clear()
         self._segments[-1][2] = int(self._segments[-1][2]) + 1
+        if self._next_clip is not None:
+            self.clip_norm, self._next_clip = self._next_clip, None
         gap = self.config.min_gap
         # Devices whose last step is min_gap or more behind the next cannot be refused.
         self._last_step = {p: s for p, s in self._last_step.items() if step + 1 - s < gap}
@@ -197,18 +222,26 @@ class ClientPrivacy:
         ``standard_normal(shape, float32) * z * C`` each.
         """
         del k
-        bound = self.config.clip_norm
+        bound = self.clip_norm
         clipped: list[Entry] = []
+        within = 0
         for delta, weight in entries:
-            clipped_delta, _ = clip(delta, bound)
+            clipped_delta, norm = clip(delta, bound)
+            within += norm <= bound
             clipped.append((clipped_delta, min(1.0, weight)))
         total = weighted_mean(clipped, 1)
-        std = np.float32(self.config.noise_std)
+        std = np.float32(self.config.z * bound)
         inverse = np.float32(1.0 / self.buffer_size)
         for name in entries[0][0]:
             acc = total[name]
             acc += self._rng.standard_normal(acc.shape, dtype=np.float32) * std
             acc *= inverse
+        config = self.config
+        if config.adaptive_quantile is not None:
+            # Andrew et al. (2021): the geometric update, from a noised count.
+            noisy = (within + self._rng.normal(0.0, config.count_noise)) / self.buffer_size
+            step = -config.adaptive_lr * (noisy - config.adaptive_quantile)
+            self._next_clip = bound * math.exp(step)
         return total
 
     # -- the accountant -----------------------------------------------------------------
@@ -218,14 +251,15 @@ class ClientPrivacy:
         return sum(int(s[2]) for s in self._segments)
 
     @property
-    def segments(self) -> list[Segment]:
-        return [(float(z), int(g), int(n)) for z, g, n in self._segments]
+    def segments(self) -> list[tuple[float, int, int, float]]:
+        """``(z, min_gap, steps, count_noise)`` per run of steps at the same settings."""
+        return [(float(z), int(g), int(n), float(b)) for z, g, n, b in self._segments]
 
     def epsilon(self, extra_steps: int = 0) -> float:
         """Epsilon spent at ``config.delta`` (after ``extra_steps`` more steps)."""
         segments = self.segments
-        z, gap, steps = segments[-1]
-        segments[-1] = (z, gap, steps + extra_steps)
+        z, gap, steps, count_noise = segments[-1]
+        segments[-1] = (z, gap, steps + extra_steps, count_noise)
         return client_epsilon(segments, self.config.delta)
 
     def exhausted(self) -> bool:
@@ -240,7 +274,8 @@ class ClientPrivacy:
             "delta": self.config.delta,
             "target_epsilon": self.config.target_epsilon,
             "noise_multiplier": self.config.z,
-            "clip_norm": self.config.clip_norm,
+            "clip_norm": self.clip_norm,
+            "adaptive_quantile": self.config.adaptive_quantile,
             "min_gap": self.config.min_gap,
             "steps": self.steps,
             "buffer_size": self.buffer_size,
@@ -253,7 +288,14 @@ class ClientPrivacy:
             "last_step": dict(self._last_step),
             "pending": sorted(self._pending),
             "delta": self.config.delta,
+            "clip_norm": self.clip_norm,
         }
+
+
+def _segment(stored: Sequence[Any]) -> list[float | int]:
+    """A stored segment; those of before adaptive clipping have no count noise."""
+    z, gap, steps, *rest = stored
+    return [float(z), int(gap), int(steps), float(rest[0]) if rest else 0.0]
 
 
 def newest_state(
