@@ -34,7 +34,14 @@ from fedmq.codecs import SparseTensor
 from fedmq.errors import FedmqError
 from fedmq.strategies import FedAvgState, FedBuffState
 
-__all__ = ["Checkpoint", "CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "load_checkpoint",
+    "load_privacy_ledger",
+    "save_checkpoint",
+    "save_privacy_ledger",
+]
 
 SCHEMA = "fedmq.checkpoint/2"
 FILENAME = "aggregator.ckpt"
@@ -118,6 +125,32 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
         )
     except (ValueError, KeyError, TypeError, msgpack.UnpackException) as error:
         raise CheckpointError(f"{path}: unreadable checkpoint ({error})") from error
+
+
+LEDGER = "privacy.ledger"
+
+
+def save_privacy_ledger(directory: Path, state: Mapping[str, Any]) -> None:
+    """Write the client-level DP accountant's state (``ClientPrivacy.state()``) durably.
+
+    Written after every server step, before its noised model is published: a checkpoint
+    comes later, and a crash in between must not forget a step whose model went out."""
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / LEDGER, pack({"schema": "fedmq.privacy-ledger/1", **state}))
+
+
+def load_privacy_ledger(directory: Path) -> dict[str, Any] | None:
+    """The ledger in ``directory``, or None; CheckpointError if it cannot be read."""
+    path = directory / LEDGER
+    if not path.exists():
+        return None
+    try:
+        document = unpack(path.read_bytes())
+        if not isinstance(document, dict) or document.get("schema") != "fedmq.privacy-ledger/1":
+            raise ValueError("unknown schema")
+        return document
+    except (ValueError, TypeError, msgpack.UnpackException) as error:
+        raise CheckpointError(f"{path}: unreadable privacy ledger ({error})") from error
 
 
 def _encode(value: object) -> object:

@@ -151,6 +151,28 @@ class AggregatorCollector(Collector):
         for reason in sorted({r.value for r in Reason} | set(stats.rejected)):
             rejected.add_metric([reason], stats.rejected.get(reason, 0))
         yield rejected
+        yield CounterMetricFamily(
+            "fedmq_updates_clipped",
+            "Updates scaled down to --clip-norm on admission (--clip-mode clip)",
+            value=stats.clipped,
+        )
+        if stats.privacy is not None:  # client-level DP is on
+            dp = stats.privacy
+            yield GaugeMetricFamily(
+                "fedmq_dp_epsilon",
+                "Client-level DP: epsilon spent so far (at fedmq_dp_delta)",
+                value=dp["epsilon"],
+            )
+            yield GaugeMetricFamily("fedmq_dp_delta", "Client-level DP: delta", value=dp["delta"])
+            yield GaugeMetricFamily(
+                "fedmq_dp_steps", "Client-level DP: server steps accounted for", value=dp["steps"]
+            )
+            if dp["target_epsilon"] is not None:
+                yield GaugeMetricFamily(
+                    "fedmq_dp_target_epsilon",
+                    "Client-level DP: the epsilon budget (the aggregator stops before it)",
+                    value=dp["target_epsilon"],
+                )
         cumulative = []
         for bound in STALENESS_BUCKETS:
             running = sum(n for d, n in stats.staleness.items() if d <= bound)

@@ -38,7 +38,9 @@ from fedmq.aggregator._checkpoint import (
     Checkpoint,
     CheckpointError,
     load_checkpoint,
+    load_privacy_ledger,
     save_checkpoint,
+    save_privacy_ledger,
 )
 from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._downlink import Downlink
@@ -50,9 +52,11 @@ from fedmq.aggregator._tuning import retuned, serve_controls
 from fedmq.aggregator._versions import VersionStore
 from fedmq.codecs import CodecConfig, encode_params
 from fedmq.errors import ConfigError, Rejection
+from fedmq.privacy import ClientPrivacy, newest_state
 from fedmq.strategies import (
     Contribution,
     Delta,
+    Strategy,
     StrategyConfig,
     changes,
     flush_due,
@@ -104,7 +108,12 @@ class Aggregator:
             self.stats.health = CollapseWatch(target, self.stats.health.config)
         self.fed_eval = FederatedEval(config.fed_eval)
         self._transport = transport
-        self._strategy = make_strategy(config.strategy)
+        # Client-level DP (privacy/_central.py): its participation rules in admit, its
+        # Combine in FedBuff, its accountant checkpointed. Rebuilt from the checkpoint.
+        self._privacy = self._new_privacy(config, None)
+        self._budget_spent = False  # the next server step would exceed the epsilon budget
+        self._inbox: asyncio.Queue[Delivery | None] | None = None
+        self._strategy = self._make_strategy(config.strategy)
         self._state = self._strategy.init_state()
         # Live tuning (_tuning.py): the strategy configuration started with, and the one
         # an operator put in force since (checkpointed; it wins over the command line).
@@ -145,6 +154,10 @@ class Aggregator:
             checkpoint = load_checkpoint(config.checkpoint_dir)
             if checkpoint is not None:
                 self._restore(checkpoint)
+            elif config.privacy is not None:  # steps taken before any checkpoint was written
+                ledger = load_privacy_ledger(config.checkpoint_dir)
+                self._privacy = self._new_privacy(config, newest_state(None, ledger))
+                self._strategy = self._make_strategy(config.strategy)
             self._restore_versions(self._versions)
 
     def _restore_versions(self, store: VersionStore) -> None:
@@ -169,7 +182,6 @@ class Aggregator:
         if checkpoint.strategy:
             self._tuned = strategy_from_dict(checkpoint.strategy)
             self.config = dataclasses.replace(self.config, strategy=self._tuned)
-            self._strategy = make_strategy(self._tuned)
             diff = changes(self._initial_strategy, self._tuned)
             log_event(_log, "tuning_restored", changes={k: list(v) for k, v in diff.items()})
         self._version = checkpoint.version
@@ -181,7 +193,18 @@ class Aggregator:
                 f"{self.config.checkpoint_dir}: the checkpoint's model holds NaN or Inf"
             )
         counters = checkpoint.counters
-        self._bounds = UpdateBounds(self.config.bounds, counters.get("recent_norms", ()))
+        # The accountant carries on from the checkpoint: a crash never resets the budget
+        # (ConfigError if it is already spent).
+        if self.config.privacy is not None:
+            assert self.config.checkpoint_dir is not None
+            ledger = load_privacy_ledger(self.config.checkpoint_dir)
+            state = newest_state(counters.get("privacy"), ledger)
+            self._privacy = self._new_privacy(self.config, state)
+        self._strategy = self._make_strategy(self.config.strategy)
+        self._bounds = UpdateBounds(
+            self.config.bounds, counters.get("recent_norms", ()), clipped=counters.get("clipped", 0)
+        )
+        self.stats.clipped = self._bounds.clipped
         self.stats.version = self._version
         self.stats.received = counters.get("received", 0)
         self.stats.applied = counters.get("applied", 0)
@@ -201,6 +224,30 @@ class Aggregator:
             commit=self._commits,
             last_applied={p: list(s) for p, s in counters.get("last_applied", {}).items()},
         )
+
+    @staticmethod
+    def _new_privacy(config: AggregatorConfig, state: Any) -> ClientPrivacy | None:
+        if config.privacy is None:
+            return None
+        return ClientPrivacy(config.privacy, config.strategy.fedbuff.buffer_size, state=state)
+
+    def _make_strategy(self, config: StrategyConfig) -> Strategy:
+        privacy = self._privacy
+        if privacy is None:
+            return make_strategy(config)
+        privacy.buffer_size = config.fedbuff.buffer_size  # K may be tuned live
+        self.stats.privacy = privacy.report()
+        return make_strategy(config, combine=privacy.combine)
+
+    @property
+    def privacy(self) -> ClientPrivacy | None:
+        """Client-level DP's accountant and participation rules (None when off)."""
+        return self._privacy
+
+    @property
+    def budget_spent(self) -> bool:
+        """Whether the service stopped because the next step would exceed the budget."""
+        return self._budget_spent
 
     @property
     def version(self) -> int:
@@ -239,6 +286,7 @@ class Aggregator:
         # Deliveries the broker sent (at most its prefetch window), not yet handled;
         # None once the transport has no more (it closed).
         inbox: asyncio.Queue[Delivery | None] = asyncio.Queue()
+        self._inbox = inbox
         receiver = tg.create_task(self._receive(inbox), name="receive")
         handling: asyncio.Future[None] | None = None
         try:
@@ -270,8 +318,54 @@ class Aggregator:
             async with asyncio.timeout(self.config.shutdown_timeout_s):
                 if handling is not None:
                     await handling  # finish the update in hand: never half of one
+                if self._budget_spent:
+                    await self._publish_final()
                 await self._commit()
             log_event(_log, "stopped", version=self._version)
+
+    async def _publish_final(self) -> None:
+        """Publish the last model now (a budget stop: no later publish will carry it)."""
+        if self._publish_task is not None:
+            await asyncio.shield(self._publish_task)
+        if self._version not in self._history:
+            await self._publish()
+
+    def _save_ledger(self) -> None:
+        """The accountant's state, durable before the step's model is published (a small
+        file, fsync'd on the event loop: no await between the step and its record)."""
+        if self._privacy is not None and self.config.checkpoint_dir is not None:
+            save_privacy_ledger(self.config.checkpoint_dir, self._privacy.state())
+
+    def _privacy_stepped(self) -> None:
+        """After a server step under client-level DP: report epsilon, and stop before the
+        step that would exceed the budget (the updates not yet applied stay queued)."""
+        privacy = self._privacy
+        assert privacy is not None
+        self.stats.privacy = report = privacy.report()
+        log_event(
+            _log,
+            "privacy_step",
+            version=self._version,
+            steps=report["steps"],
+            epsilon=round(report["epsilon"], 6),
+            delta=report["delta"],
+        )
+        if privacy.exhausted() and not self._budget_spent:
+            self._budget_spent = True
+            self._stopping = True
+            log_event(
+                _log,
+                "privacy_budget_spent",
+                logging.WARNING,
+                version=self._version,
+                steps=report["steps"],
+                epsilon=round(report["epsilon"], 6),
+                target_epsilon=report["target_epsilon"],
+                next_epsilon=round(privacy.epsilon(1), 6),
+                delta=report["delta"],
+            )
+            if self._inbox is not None:
+                self._inbox.put_nowait(None)  # run() stops after the update in hand
 
     async def _receive(self, inbox: asyncio.Queue[Delivery | None]) -> None:
         async for delivery in self._transport.updates():
@@ -337,6 +431,7 @@ class Aggregator:
             return
         self._last_seq[update.participant] = update.seq
         self._bounds.accepted(norm)
+        self.stats.clipped = self._bounds.clipped
         self.stats.applied += 1
         self.stats.staleness[contribution.staleness] += 1
         self.stats.participants.add(update.participant)
@@ -352,8 +447,14 @@ class Aggregator:
             staleness=contribution.staleness,
             loss=round(update.loss, 4),
         )
+        if self._privacy is not None:
+            self._privacy.applied(update.participant, stepped=new_params is not None)
+            if new_params is not None:
+                self._save_ledger()  # before the noised model can go out
         if new_params is not None:
             await self._advance(new_params)
+            if self._privacy is not None:
+                self._privacy_stepped()
         self.stats.apply_seconds.observe(time.perf_counter() - started)
         await self._settle_later(delivery, None, (update.participant, update.seq))
 
@@ -367,14 +468,19 @@ class Aggregator:
         async with self._apply_lock:
             self.config = retuned(self.config, strategy or self._initial_strategy)
             self._tuned = strategy
-            self._strategy = make_strategy(self.config.strategy)
+            self._strategy = self._make_strategy(self.config.strategy)
             if flush_due(self.config.strategy, self._strategy.pending(self._state)):
                 new_params, self._state = await asyncio.to_thread(
                     self._strategy.flush, self._params, self._state
                 )
                 self.stats.buffered = self._strategy.pending(self._state)
                 if new_params is not None:
+                    if self._privacy is not None:
+                        self._privacy.stepped()
+                        self._save_ledger()
                     await self._advance(new_params)
+                    if self._privacy is not None:
+                        self._privacy_stepped()
             if self.config.checkpoint_dir is not None:
                 await asyncio.shield(self._commit(force=True))
 
@@ -476,6 +582,8 @@ class Aggregator:
                 "last_applied": self._last_applied,
                 "recent_norms": self._bounds.recent,
                 "control_issued": self.control_issued,
+                "clipped": self._bounds.clipped,
+                **({"privacy": self._privacy.state()} if self._privacy is not None else {}),
             },
             strategy=strategy_to_dict(self._tuned) if self._tuned is not None else {},
         )
@@ -509,6 +617,7 @@ class Aggregator:
             strategy=self._strategy,
             bounds=self._bounds,
             history=self._history,
+            privacy=self._privacy,
         )
 
     async def _advance(self, new_params: Params) -> None:

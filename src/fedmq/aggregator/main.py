@@ -10,12 +10,14 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from fedmq._log import log_event
+from fedmq.aggregator._checkpoint import load_checkpoint, load_privacy_ledger
 from fedmq.aggregator._config import AggregatorConfig
 from fedmq.aggregator._evaluator import Evaluator
 from fedmq.aggregator._metrics import MetricsConfig, MetricsServer, registry_for
 from fedmq.aggregator._service import Aggregator
 from fedmq.aggregator._stats import AggregatorStats
 from fedmq.models import get_params
+from fedmq.privacy import ClientPrivacy, newest_state
 from fedmq.tasks import Task
 from fedmq.transport import TransportConfig, connect_aggregator
 
@@ -51,8 +53,10 @@ async def run_aggregator(
     *,
     metrics: MetricsConfig | None = None,
 ) -> int:
-    """Serve ``task`` until cancelled (SIGTERM / Ctrl-C); evaluate on ``central`` when
-    given, else only by the devices' reports; Prometheus metrics on ``metrics.port``."""
+    """Serve ``task`` until cancelled (SIGTERM / Ctrl-C), or until the client-level DP
+    budget is spent (then 0: a clean stop); evaluate on ``central`` when given, else only
+    by the devices' reports; Prometheus metrics on ``metrics.port``."""
+    _check_budget(config)
     evaluator = make_evaluator(config, task, central)
     initial = get_params(task.build_model(config.seed))
     log_event(
@@ -70,9 +74,24 @@ async def run_aggregator(
         async with _metrics_server(aggregator, metrics), asyncio.TaskGroup() as tg:
             if metrics is not None and metrics.port:
                 log_event(_log, "metrics", url=f"http://{metrics.host}:{metrics.port}/metrics")
-            tg.create_task(aggregator.run(tg), name="aggregator")
-            tg.create_task(_status(aggregator.stats), name="status")
+            service = tg.create_task(aggregator.run(tg), name="aggregator")
+            status = tg.create_task(_status(aggregator.stats), name="status")
+            # run() returns by itself only when the privacy budget is spent: a clean stop.
+            service.add_done_callback(lambda _: status.cancel())
     return 0
+
+
+def _check_budget(config: AggregatorConfig) -> None:
+    """A checkpoint whose privacy budget is spent is a one-line ConfigError, before the
+    process connects or logs anything (the service would refuse it the same way)."""
+    if config.privacy is None or config.checkpoint_dir is None:
+        return
+    checkpoint = load_checkpoint(config.checkpoint_dir)
+    state = newest_state(
+        checkpoint.counters.get("privacy") if checkpoint is not None else None,
+        load_privacy_ledger(config.checkpoint_dir),
+    )
+    ClientPrivacy(config.privacy, config.strategy.fedbuff.buffer_size, state=state)
 
 
 async def _status(stats: AggregatorStats, every_s: float = 10.0) -> None:
@@ -87,4 +106,12 @@ async def _status(stats: AggregatorStats, every_s: float = 10.0) -> None:
             target=stats.target.name,
             value=stats.latest_target,
             mean_staleness=round(stats.mean_staleness, 2),
+            **(
+                {
+                    "dp_epsilon": round(stats.privacy["epsilon"], 4),
+                    "dp_steps": stats.privacy["steps"],
+                }
+                if stats.privacy is not None
+                else {}
+            ),
         )

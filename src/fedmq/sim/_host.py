@@ -135,6 +135,7 @@ async def _serve(spec: HostSpec, link: _Link, *, separate: bool) -> None:
         def snapshot(final: bool) -> Message:
             doc = _snapshot(stats, aggregator.downlink.keyframes, aggregator.downlink.deltas)
             doc["central_examples"] = len(central) if central is not None else 0
+            doc["budget_spent"] = aggregator.budget_spent  # it stopped: the bench stops too
             if separate:
                 rss_peak[0] = max(rss_peak[0], _rss())
                 doc["cpu_s"] = time.process_time() - cpu0
@@ -189,6 +190,8 @@ def _snapshot(stats: Any, keyframes: int, deltas: int) -> dict[str, Any]:
         "keyframes": keyframes,
         "deltas": deltas,
         "buffered": stats.buffered,
+        "clipped": stats.clipped,
+        "privacy": stats.privacy,
         "participants": len(stats.participants),
         "eval_points": [dataclasses.asdict(p) for p in stats.evaluations],
         "eval_reports": stats.eval_reports,

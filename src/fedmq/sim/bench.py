@@ -45,7 +45,7 @@ from fedmq.participant import Participant, ParticipantConfig
 from fedmq.sim._display import progress_line, progress_table
 from fedmq.sim._fleet import FleetProtocol, RoundPicker, online_periods, speed_factors
 from fedmq.sim._host import AggregatorHost, HostSpec
-from fedmq.sim._report import target_fields
+from fedmq.sim._report import dp_line, target_fields
 from fedmq.tasks import DeviceData, Metric, Task
 from fedmq.transport import ParticipantTransport, TransportConfig, connect_participant
 from fedmq.wire import ModelEnvelope, encode_model
@@ -210,7 +210,12 @@ async def run_bench(
                 device.participant.stop()
         final = await host.stop()
         watchdog.cancel()
-    return _report(config, task, goal, final, devices, ticks, rounds, full_model_bytes, separate)
+    report = _report(config, task, goal, final, devices, ticks, rounds, full_model_bytes, separate)
+    if report["dp"] is not None or report["clipped"]:
+        console.print(dp_line(report["dp"]) + f"; updates clipped: {report['clipped']}")
+    if report["stopped_by"] == "privacy_budget_spent":
+        console.print("stopped: the next server step would exceed the privacy budget")
+    return report
 
 
 _SHUTDOWN_WARN_S = 30.0
@@ -362,7 +367,7 @@ async def _watch(
                 )
             value = stats.latest_target
             reached = value is not None and target.reached(value, goal)
-            if reached or elapsed >= proto.max_seconds:
+            if reached or elapsed >= proto.max_seconds or host.latest.get("budget_spent"):
                 return
 
 
@@ -380,6 +385,8 @@ def stats_from_snapshot(doc: dict[str, Any], t0: float, target: Metric) -> Aggre
     stats.bytes_out = doc["bytes_out"]
     stats.models_published = doc["models_published"]
     stats.buffered = doc["buffered"]
+    stats.clipped = doc.get("clipped", 0)
+    stats.privacy = doc.get("privacy")
     stats.evaluations = [EvalPoint(**p) for p in doc["eval_points"]]
     return stats
 
@@ -503,6 +510,9 @@ def _report(
         },
         "evaluations": points,
         "rounds": rounds,
+        "clipped": final.get("clipped", 0),
+        "dp": final.get("privacy"),
+        "stopped_by": "privacy_budget_spent" if final.get("budget_spent") else None,
         "protocol": dataclasses.asdict(proto),
         "settings": {
             **settings_of(config, task),

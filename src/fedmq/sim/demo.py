@@ -34,7 +34,7 @@ from fedmq.models import get_params
 from fedmq.participant import Participant, ParticipantConfig
 from fedmq.sim._display import progress_line, progress_table, summary_table
 from fedmq.sim._plots import plot_metric
-from fedmq.sim._report import target_fields
+from fedmq.sim._report import dp_line, target_fields
 from fedmq.tasks import Task
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant
 
@@ -255,6 +255,8 @@ def _report(
             or "0",
         ),
         ("evaluation reports (devices)", str(stats.eval_reports)),
+        ("updates clipped", str(stats.clipped)),
+        ("privacy", dp_line(stats.privacy)),
         ("uplink bytes", f"{stats.bytes_in:,}"),
         ("downlink bytes (all devices)", f"{sum(d.stats.bytes_down for d in devices):,}"),
     ]
@@ -284,6 +286,8 @@ def _report(
             )
         },
         "eval_rejected": dict(stats.eval_rejected),
+        "clipped": stats.clipped,
+        "dp": stats.privacy,
         "model_collapses": stats.health.collapses,
         "devices": {d.config.participant_id: dataclasses.asdict(d.stats) for d in devices},
         "config": {

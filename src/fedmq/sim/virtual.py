@@ -19,8 +19,9 @@ Modelled, not measured (stated in the report):
   delay_unit before it publishes, as in the real fleet;
 - delivery is instant: an online device holds the newest model; a device coming
   back online downloads one full model (the last keyframe, in the real system);
-- an update that arrives too stale is dropped without being computed (it would
-  not change the model; the device's error-feedback residual is not advanced);
+- an update that arrives too stale, or that client-level DP's participation rules
+  refuse, is dropped without being computed (it would not change the model; the
+  device's error-feedback residual is not advanced);
 - the model is evaluated every ``eval_every_s`` simulated seconds: on the task's
   central held-out set when it has one; else every device that has held-out data
   scores it (``Task.score``) and the scores are combined as the aggregator combines
@@ -54,9 +55,10 @@ from fedmq.codecs import CodecConfig, encode_params
 from fedmq.errors import Rejection
 from fedmq.models import get_params, set_params
 from fedmq.participant._trainer import Trainer
+from fedmq.privacy import ClientPrivacy
 from fedmq.sim._display import progress_line, progress_table
 from fedmq.sim._fleet import RoundPicker, online_periods, speed_factors
-from fedmq.sim._report import target_fields, write_results
+from fedmq.sim._report import dp_line, target_fields, write_results
 from fedmq.sim.bench import BenchConfig, fleet_of, settings_of
 from fedmq.strategies import make_strategy
 from fedmq.tasks import DeviceData, Task
@@ -130,7 +132,23 @@ class _Sim:
         initial = task.build_model(bench.aggregator.seed)
         self.params: Params = get_params(initial)
         self.spec = tensor_spec_of(self.params)
-        self.strategy = make_strategy(bench.aggregator.strategy)
+        # Client-level DP: the service's own mechanism and participation rules. The noise
+        # is seeded here (a simulation is reproducible); the service seeds from secrets.
+        dp = bench.aggregator.privacy
+        self.privacy = (
+            ClientPrivacy(
+                dp,
+                bench.aggregator.strategy.fedbuff.buffer_size,
+                rng=np.random.default_rng([bench.aggregator.seed, 0xD9]),
+            )
+            if dp is not None
+            else None
+        )
+        self.budget_spent = False  # the next server step would exceed the target epsilon
+        self.strategy = make_strategy(
+            bench.aggregator.strategy,
+            combine=self.privacy.combine if self.privacy is not None else None,
+        )
         self.state = self.strategy.init_state()
         self.downlink = Downlink(bench.aggregator.downlink, _encode_full)
         self.full_bytes = len(_encode_full(0, self.params))
@@ -139,6 +157,7 @@ class _Sim:
         self.bounds = UpdateBounds(bench.aggregator.bounds)
         self.version = 0
         self.stats = AggregatorStats(target=task.target)
+        self.stats.privacy = self.privacy.report() if self.privacy is not None else None
         self.now = 0.0
         self.events: list[tuple[float, int, int, int, int]] = []
         self._counter = 0
@@ -247,6 +266,15 @@ class _Sim:
             self.stats.bytes_in += self._update_size(d, seq, base)
             self.stats.rejected["too_stale"] += 1
             return
+        if self.privacy is not None:
+            # Refused by client-level DP's participation rules whatever it holds: not
+            # computed either (admit would refuse it the same way; saves a training).
+            try:
+                self.privacy.check(d.pid)
+            except Rejection as rejection:
+                self.stats.bytes_in += self._update_size(d, seq, base)
+                self.stats.rejected[rejection.reason.value] += 1
+                return
         body = self._compute_update(d, seq, base)
         if body is None:
             # A real device skips it when training ends (update_skipped): nothing was sent.
@@ -274,6 +302,7 @@ class _Sim:
                 strategy=self.strategy,
                 bounds=self.bounds,
                 history=self.history,
+                privacy=self.privacy,
             )
             new_params, state = checked_step(
                 self.strategy.step, self.params, self.state, contribution
@@ -288,6 +317,12 @@ class _Sim:
         self.state = state
         self.last_seq[d.pid] = update.seq
         self.bounds.accepted(norm)
+        self.stats.clipped = self.bounds.clipped
+        if self.privacy is not None:
+            self.privacy.applied(d.pid, stepped=new_params is not None)
+            if new_params is not None:
+                self.stats.privacy = self.privacy.report()
+                self.budget_spent = self.privacy.exhausted()
         staleness = contribution.staleness
         self.stats.applied += 1
         self.stats.staleness[staleness] += 1
@@ -313,6 +348,7 @@ class _Sim:
                 seed=participant.seed,
                 codec=participant.codec,
                 error_feedback=participant.error_feedback,
+                clip_norm=participant.clip_norm,
             )
         return d.trainer.step(base, self.history[base], seq, self.now)
 
@@ -410,7 +446,7 @@ class _Sim:
     # -- the loop ---------------------------------------------------------------------
     def step(self) -> bool:
         """Process one event; False when the run is over."""
-        if not self.events:
+        if not self.events or self.budget_spent:
             return False
         t, _, kind, i, arg = heapq.heappop(self.events)
         if t > self.proto.max_seconds:
@@ -527,6 +563,9 @@ def _report(
             "skipped": {"non_finite": sim.skipped_non_finite} if sim.skipped_non_finite else {},
         },
         "rounds": sim.rounds,
+        "clipped": sim.stats.clipped,
+        "dp": sim.privacy.report() if sim.privacy is not None else None,
+        "stopped_by": "privacy_budget_spent" if sim.budget_spent else None,
         "aggregator_cost": {
             "measured": "not measured (virtual clock: one process does everything)",
             "cpu_s": None,
@@ -613,5 +652,9 @@ async def run_virtual_command(base: BenchConfig, data_dir: Path, out: Path) -> i
         f" {scale['updates_published_per_wall_s']:,.1f} updates published/s,"
         f" {scale['updates_applied_per_wall_s']:,.1f} applied/s"
     )
+    if run["dp"] is not None or run["clipped"]:
+        console.print(dp_line(run["dp"]) + f"; updates clipped: {run['clipped']}", highlight=False)
+    if run["stopped_by"] == "privacy_budget_spent":
+        console.print("stopped: the next server step would exceed the privacy budget")
     console.print(f"results: {out / 'report.md'}")
     return 0
