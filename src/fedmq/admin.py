@@ -3,6 +3,7 @@
     fedmq ctl set --broker URL --job J [--signing-key operator.key] alpha=0.4 max_staleness=10
     fedmq ctl reset --broker URL --job J
     fedmq ctl forget-device --broker URL --job J dev-01
+    fedmq ctl status --metrics-url http://aggregator:9100/metrics
     fedmq keys create --id dev-01 --out DIR
     fedmq keys register --id dev-01 --pub DIR/dev-01.pub --keys-dir REGISTRY
     fedmq keys list --keys-dir REGISTRY
@@ -13,9 +14,13 @@ The CLI reads the configuration and calls these; they print what they did.
 from __future__ import annotations
 
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from fedmq.errors import ConfigError
 from fedmq.strategies import parse_assignments
@@ -35,7 +40,7 @@ from fedmq.wire import (
     seal,
 )
 
-__all__ = ["ctl", "keys"]
+__all__ = ["ctl", "keys", "status"]
 
 
 async def ctl(
@@ -107,3 +112,72 @@ def keys(
                 print(f"{name:<32} owner {key_owner(name):<24} {fingerprint(key)}")
         return 0
     raise ConfigError(f"keys: unknown action {action!r}; use create, register or list")
+
+
+# What ``status`` shows first, in this order: the model, what came in, privacy. Every other
+# fedmq_* gauge and counter follows (histograms are left to Prometheus).
+_HEADLINE = (
+    "fedmq_model_version",
+    "fedmq_updates_received",
+    "fedmq_updates_applied",
+    "fedmq_updates_rejected",
+    "fedmq_updates_clipped",
+    "fedmq_dp_epsilon",
+    "fedmq_dp_target_epsilon",
+    "fedmq_dp_delta",
+    "fedmq_dp_steps",
+)
+
+
+def status(metrics_url: str, timeout_s: float = 5.0) -> int:
+    """Print what a running aggregator reports on its Prometheus endpoint (``fedmq
+    aggregator --metrics-port``): version, updates, rejections by reason, the privacy
+    spent (``fedmq_dp_*``, devices' own epsilon), the settings in force. 0 on success.
+
+    Read from the metrics endpoint rather than asked over the broker: it is what the
+    operator's monitoring already scrapes, needs no key, and cannot change anything.
+    """
+    try:
+        with urllib.request.urlopen(metrics_url, timeout=timeout_s) as response:
+            text = response.read().decode("utf-8")
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(f"ctl status: cannot read {metrics_url}: {reason}") from None
+    lines: dict[str, list[str]] = {}
+    for family in text_string_to_metric_families(text):
+        if not family.name.startswith("fedmq_") or family.type in ("histogram", "summary"):
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            shown = f"{sample.name}{{{labels}}}" if labels else sample.name
+            lines.setdefault(family.name, []).append(f"{shown} {_number(sample.value)}")
+    if not lines:
+        raise ConfigError(f"ctl status: {metrics_url} has no fedmq metrics (not an aggregator?)")
+    epsilon = _first(lines, "fedmq_dp_epsilon")
+    if epsilon is not None:
+        target = _first(lines, "fedmq_dp_target_epsilon")
+        delta = _first(lines, "fedmq_dp_delta")
+        steps = _first(lines, "fedmq_dp_steps")
+        print(
+            f"client-level DP: epsilon {epsilon}"
+            + (f" of {target}" if target is not None else "")
+            + f" at delta {delta} after {steps} server steps"
+        )
+    else:
+        print("client-level DP: off")
+    ordered = [n for n in _HEADLINE if n in lines] + sorted(set(lines) - set(_HEADLINE))
+    for name in ordered:
+        for line in lines[name]:
+            print(line)
+    return 0
+
+
+def _first(lines: dict[str, list[str]], name: str) -> str | None:
+    found = lines.get(name)
+    return found[0].rsplit(" ", 1)[1] if found else None
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"

@@ -318,6 +318,12 @@ _CTL = [
     _BROKER,
     *(option for option in _COMMON if option.name == "job"),
     dataclasses.replace(_SIGNING_KEY, help="operator's Ed25519 private key: signs the command"),
+    Option(
+        "metrics_url",
+        str,
+        "http://127.0.0.1:9100/metrics",
+        "ctl status: the aggregator's Prometheus endpoint (fedmq aggregator --metrics-port)",
+    ),
     *_LOGGING,
 ]
 _KEYS = [
@@ -339,6 +345,12 @@ _ACTIONS: dict[str, dict[str, _Action]] = {
             [("assignments", {"nargs": "+", "metavar": "NAME=VALUE"})],
         ),
         "reset": ("back to the settings the aggregator was started with", []),
+        "status": (
+            "what the running aggregator reports: version, updates, rejections, the privacy "
+            "spent (epsilon), settings in force; read from its metrics endpoint "
+            "(--metrics-url)",
+            [],
+        ),
         "forget-device": (
             "drop one device's sequence number (its state was wiped, or a forged update "
             "left a huge one): its next update is taken whatever its seq",
@@ -805,8 +817,10 @@ def _bench_parts(v: Values) -> dict[str, Any]:
 
 
 async def _ctl(v: Values) -> int:
-    from fedmq.admin import ctl
+    from fedmq.admin import ctl, status
 
+    if v["action"] == "status":
+        return status(v["metrics_url"])
     config = transport_config({**v, "max_message_bytes": 64 * 1024 * 1024})
     return await ctl(config, v["action"], v["assignments"], _signer(v["signing_key"], v["job"]))
 

@@ -173,3 +173,25 @@ async def test_the_endpoint_serves_metrics_over_http(job: str) -> None:
             with pytest.raises(ConfigError, match="cannot listen"):
                 async with MetricsServer(registry, host="127.0.0.1", port=server.port):
                     pass
+
+
+async def test_ctl_status_prints_the_privacy_spent_and_the_counters(
+    job: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedmq.admin import status
+
+    async with running(job) as aggregator:
+        spent = {"epsilon": 2.5, "delta": 1e-5, "steps": 7, "target_epsilon": 8.0}
+        aggregator.stats.privacy = spent
+        aggregator.stats.rejected["participation"] = 3
+        registry = registry_for(aggregator, active_window_s=60.0)
+        async with MetricsServer(registry, host="127.0.0.1", port=0) as server:
+            url = f"http://127.0.0.1:{server.port}/metrics"
+            assert await asyncio.to_thread(status, url) == 0
+            out = capsys.readouterr().out.splitlines()
+            assert out[0] == "client-level DP: epsilon 2.5 of 8 at delta 1e-05 after 7 server steps"
+            assert "fedmq_model_version 0" in out
+            assert "fedmq_dp_steps 7" in out
+            assert "fedmq_updates_rejected_total{reason=participation} 3" in out
+            with pytest.raises(ConfigError, match="ctl status: cannot read"):
+                await asyncio.to_thread(status, f"http://127.0.0.1:{server.port}/nothing")
