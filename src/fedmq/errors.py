@@ -58,6 +58,7 @@ class Reason(enum.StrEnum):
     UNKNOWN_PARTICIPANT = "unknown_participant"
     PARTICIPANT_MISMATCH = "participant_mismatch"  # envelope id is not the sender / key owner
     NORM_BOUND = "norm_bound"  # L2 norm above the absolute cap or the recent-median bound
+    OUTLIER = "outlier"  # FedAsync's robust check: L2 norm far above the recent accepted ones
     EXAMPLES_BOUND = "examples_bound"  # num_examples above max_num_examples
     NON_FINITE_MODEL = "non_finite_model"  # applying it would make the model NaN or Inf
     BAD_SIGNATURE = "bad_signature"  # does not verify (tampered, wrong key, malformed sig)

@@ -93,7 +93,7 @@ def admit(
                 Reason.TOO_STALE, f"base version {update.base_version} is no longer held"
             )
     return Contribution(
-        delta=delta, staleness=staleness, num_examples=update.num_examples, base=base
+        delta=delta, staleness=staleness, num_examples=update.num_examples, base=base, norm=norm
     )
 
 

@@ -4,6 +4,11 @@
 virtual clock all call ``Trainer.step``: one train-and-encode path, so a simulation
 trains, clips to the codec and carries error feedback exactly as a device does.
 
+A malicious device of a simulated fleet (``fedmq bench --byzantine``) is an honest
+``Trainer`` given an ``Attack`` (the object lives in fedmq/sim/_attacks.py; nothing
+outside the simulations makes one): it may change the training data, and it changes
+the delta after training, before clipping and the codec.
+
 A training that diverged (a NaN or infinite loss or delta) gives no update: it is
 logged as ``update_skipped reason=non_finite`` and ``step`` returns None, before the
 codec or the error-feedback residual sees it.
@@ -13,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -24,11 +29,23 @@ from fedmq.models import get_params, non_finite, set_params
 from fedmq.tasks import Task
 from fedmq.wire import Signer, UpdateEnvelope, encode_update, seal
 
-__all__ = ["Trainer"]
+__all__ = ["Attack", "Trainer"]
 
 _log = logging.getLogger("fedmq.participant")
 
 Params = dict[str, np.ndarray]
+
+
+class Attack(Protocol):
+    """A bench attack (fedmq/sim/_attacks.py): what a malicious device changes."""
+
+    def poison_data(self, data: Dataset[Any]) -> Dataset[Any]:
+        """The data the device trains on instead of its own."""
+        ...
+
+    def poison_delta(self, delta: Params, seq: int) -> Params:
+        """The delta the device sends instead of its honest one (update ``seq``)."""
+        ...
 
 
 class Trainer:
@@ -36,8 +53,9 @@ class Trainer:
 
     ``error_feedback``: keep what a lossy codec drops and send it later (codecs/_feedback);
     a lossless codec (float32) drops nothing, so it has no residual to keep.
-    ``signer``: seal every update with this device's key. Not thread-safe: one step at
-    a time (a device trains once at a time).
+    ``signer``: seal every update with this device's key. ``attack``: simulations only,
+    a malicious device (see the module docstring). Not thread-safe: one step at a time
+    (a device trains once at a time).
     """
 
     def __init__(
@@ -50,10 +68,12 @@ class Trainer:
         codec: CodecConfig,
         error_feedback: bool = True,
         signer: Signer | None = None,
+        attack: Attack | None = None,
     ) -> None:
         self.participant_id = participant_id
         self.task = task
-        self.data = data
+        self.attack = attack
+        self.data = data if attack is None else attack.poison_data(data)
         self.num_examples = len(data)  # type: ignore[arg-type]  # a map-style dataset
         self.seed = seed
         self.codec = codec
@@ -85,6 +105,8 @@ class Trainer:
                 tensors=bad[:5],
             )
             return None
+        if self.attack is not None:
+            delta = self.attack.poison_delta(delta, seq)
         rng = np.random.default_rng([self.seed, seq])
         if self.feedback is not None:
             tensors = self.feedback.encode(delta, rng)

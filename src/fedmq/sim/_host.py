@@ -189,6 +189,7 @@ def _snapshot(stats: Any, keyframes: int, deltas: int) -> dict[str, Any]:
         "keyframes": keyframes,
         "deltas": deltas,
         "buffered": stats.buffered,
+        "clipped": stats.clipped,
         "participants": len(stats.participants),
         "eval_points": [dataclasses.asdict(p) for p in stats.evaluations],
         "eval_reports": stats.eval_reports,
