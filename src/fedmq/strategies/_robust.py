@@ -206,8 +206,10 @@ def outlier_limit(norms: Sequence[float], config: RobustConfig) -> float:
     ``median + outlier_factor * max(MAD, 0.05 * median)`` of the last
     ``outlier_window``; inf while the check is off or fewer than
     ``outlier_min_samples`` were seen."""
+    if not config.outlier_factor:
+        return math.inf  # off: no work at all on the default path
     recent = list(norms)[-config.outlier_window :]
-    if not config.outlier_factor or len(recent) < config.outlier_min_samples:
+    if len(recent) < config.outlier_min_samples:
         return math.inf
     median = statistics.median(recent)
     mad = statistics.median(abs(n - median) for n in recent)
