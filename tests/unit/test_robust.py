@@ -21,8 +21,10 @@ from fedmq.admin import ctl
 from fedmq.aggregator import Aggregator, AggregatorConfig, BoundsConfig, ControlConfig
 from fedmq.aggregator._checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedmq.cli import main
-from fedmq.codecs import SparseTensor
+from fedmq.codecs import CodecConfig, SparseTensor
 from fedmq.errors import ConfigError, Reason, RejectedUpdate
+from fedmq.models import get_params
+from fedmq.participant._trainer import Trainer
 from fedmq.sim._attacks import Attack, AttackConfig, check_attack
 from fedmq.strategies import (
     Contribution,
@@ -45,8 +47,9 @@ from fedmq.strategies import (
     tuned,
     weighted_mean,
 )
-from fedmq.tasks.fashion_mnist import make_task
+from fedmq.tasks.fashion_mnist import FmnistSettings, make_task
 from fedmq.transport import TransportConfig, connect_aggregator, connect_participant
+from fedmq.wire import decode_update, materialize, tensor_spec_of
 from tests import updates
 from tests.updates import INITIAL, delta
 
@@ -428,3 +431,33 @@ def test_label_flip_trains_on_nine_minus_y_and_only_for_fmnist() -> None:
     regression = dataclasses.replace(make_task(), name="air-quality")
     with pytest.raises(ConfigError, match="no class labels"):
         check_attack(config, regression)
+
+
+def test_a_malicious_trainer_sends_its_attack_and_an_honest_one_does_not(
+    data_dir: Path,
+) -> None:
+    task = make_task(FmnistSettings(max_examples=32))
+    data = task.fleet(data_dir, 5, 0)[0]  # type: ignore[misc]
+    base = get_params(task.build_model(0))
+
+    def sent(attack: Attack | None) -> Arrays:
+        trainer = Trainer(
+            participant_id="dev-0",
+            task=task,
+            data=data.train,
+            seed=0,
+            codec=CodecConfig(name="float32"),
+            attack=attack,
+        )
+        body = trainer.step(0, base, seq=0, created=0.0)
+        assert body is not None
+        update = decode_update(body, spec=tensor_spec_of(base))
+        assert (update.participant, update.seq, update.num_examples) == ("dev-0", 0, 32)
+        return materialize(update.tensors)
+
+    honest = sent(None)
+    scaled = sent(Attack(AttackConfig(fraction=0.1, kind="scale"), seed=0))
+    for name, value in honest.items():  # the same training, then x 10 in float32
+        np.testing.assert_array_equal(scaled[name], np.multiply(value, 10, dtype=np.float32))
+    flipped = sent(Attack(AttackConfig(fraction=0.1, kind="label-flip"), seed=0))
+    assert any(not np.array_equal(flipped[k], v) for k, v in honest.items())
