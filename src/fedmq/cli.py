@@ -37,6 +37,7 @@ from fedmq.strategies import (
     FedAsyncConfig,
     FedAvgConfig,
     FedBuffConfig,
+    RobustConfig,
     StalenessConfig,
     StrategyConfig,
     strategy_warnings,
@@ -97,6 +98,26 @@ _STRATEGY = [
     ),
     Option("server_optimizer", str, "sgd", "FedBuff server optimizer", ("sgd", "momentum", "adam")),
     Option("clients_per_round", int, 10, "FedAvg: participants per round (C)"),
+    Option(
+        "robust",
+        str,
+        "mean",
+        "FedBuff: robust rule of the buffer (mean: none; docs/privacy.md)",
+        ("mean", "median", "trimmed_mean", "norm_bounded"),
+    ),
+    Option("trim_fraction", float, 0.1, "FedBuff trimmed_mean: share cut at each end"),
+    Option(
+        "norm_bound_factor",
+        float,
+        2.0,
+        "FedBuff norm_bounded: clip each delta to this x the buffer's median norm",
+    ),
+    Option(
+        "outlier_factor",
+        float,
+        0.0,
+        "FedAsync: refuse norms above median + this x MAD of recent ones (0: off)",
+    ),
     Option("publish_every", int, 1, "republish the model every N versions"),
     Option(
         "publish_interval", float, 0.2, "seconds at least between model publishes (newest wins)"
@@ -259,6 +280,26 @@ _BENCH = [
         ("none", "float16", "int8", "int4"),
     ),
     Option("keyframe_every", int, 20, "a full float32 model at least every N versions"),
+    Option(
+        "byzantine",
+        float,
+        0.0,
+        "bench: share of the devices that attack (--attack), chosen by a seeded rule",
+    ),
+    Option(
+        "attack",
+        str,
+        "scale",
+        "bench: what the --byzantine devices do (docs/privacy.md)",
+        ("sign-flip", "scale", "noise", "label-flip"),
+    ),
+    Option(
+        "attack_strength",
+        float,
+        None,
+        "bench: lambda of sign-flip (default 4) and scale (default 10), noise's norm"
+        " multiple (default 1)",
+    ),
     Option("suite", bool, False, "bench: the protocol's matrix (7 configurations)"),
     Option("virtual", bool, False, "bench: simulated time, no broker, no sleeps"),
     Option("throughput", bool, False, "bench: aggregator ingest rate vs a bare consumer"),
@@ -340,8 +381,8 @@ _ACTIONS: dict[str, dict[str, _Action]] = {
     "ctl": {
         "set": (
             "change settings of the running aggregator: alpha, staleness, staleness_a, "
-            "staleness_b, max_staleness, buffer_size, server_lr, clients_per_round "
-            "(docs/tuning.md)",
+            "staleness_b, max_staleness, buffer_size, server_lr, clients_per_round, robust, "
+            "trim_fraction, norm_bound_factor, outlier_factor (docs/tuning.md)",
             [("assignments", {"nargs": "+", "metavar": "NAME=VALUE"})],
         ),
         "reset": ("back to the settings the aggregator was started with", []),
@@ -375,6 +416,8 @@ COMMANDS: dict[str, list[Option]] = {
         *(o if o.name != "eval_every" else dataclasses.replace(o, default=1) for o in _STRATEGY),
         *_TRAINING,
         *_PRIVACY,
+        # the update norm bounds: a robustness run measures a defence with them off
+        *(o for o in _DURABILITY if o.name in ("max_update_norm", "update_norm_factor")),
     ],
     "ctl": _CTL,
     "keys": _KEYS,
@@ -402,6 +445,12 @@ def transport_config(v: Values, *, service: bool = False) -> TransportConfig:
 def strategy_config(v: Values) -> StrategyConfig:
     """The strategy the options describe; settings known to diverge are logged as warnings."""
     staleness = StalenessConfig(function=v["staleness"], a=v["staleness_a"], b=v["staleness_b"])
+    robust = RobustConfig(
+        rule=v["robust"],
+        trim_fraction=v["trim_fraction"],
+        norm_bound_factor=v["norm_bound_factor"],
+        outlier_factor=v["outlier_factor"],
+    )
     config = StrategyConfig(
         name=v["strategy"],
         max_staleness=v["max_staleness"],
@@ -413,6 +462,7 @@ def strategy_config(v: Values) -> StrategyConfig:
             server_optimizer=v["server_optimizer"],
         ),
         fedavg=FedAvgConfig(clients_per_round=v["clients_per_round"]),
+        robust=robust,
     )
     for warning in strategy_warnings(config):
         log_event(_log, "risky_setting", logging.WARNING, strategy=config.name, detail=warning)
@@ -805,6 +855,12 @@ def _bench_parts(v: Values) -> dict[str, Any]:
         keyframe_every=v["keyframe_every"],
     )
     aggregator = dataclasses.replace(aggregator_config(v), downlink=downlink)
+    from fedmq.sim._attacks import AttackConfig, check_attack
+
+    attack = AttackConfig(
+        fraction=v["byzantine"], kind=v["attack"], strength=v["attack_strength"], seed=v["seed"]
+    )
+    check_attack(attack, v["task_object"])
     plain = {name: value for name, value in v.items() if name != "task_object"}
     return {
         "task": functools.partial(task_of, plain),
@@ -813,6 +869,7 @@ def _bench_parts(v: Values) -> dict[str, Any]:
         "aggregator": aggregator,
         "transport": transport_config(v),
         "participant": participant_config(v, "template", Path(".")),
+        "attack": attack,
     }
 
 

@@ -289,6 +289,23 @@ def test_dp_refused_without_fedbuff(name: str) -> None:
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("rule", ["median", "trimmed_mean", "norm_bounded"])
+def test_dp_refused_with_a_robust_rule_live_too(rule: str) -> None:
+    from fedmq.aggregator._tuning import retuned
+    from fedmq.strategies import RobustConfig, tuned
+
+    def fedbuff(robust: str) -> StrategyConfig:
+        return StrategyConfig(name="fedbuff", robust=RobustConfig(rule=robust))  # type: ignore[arg-type]
+
+    dp = ClientDPConfig(clip_norm=1.0, noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="robust mean") as caught:
+        AggregatorConfig(strategy=fedbuff(rule), privacy=dp)
+    assert "\n" not in str(caught.value)
+    running = AggregatorConfig(strategy=fedbuff("mean"), privacy=dp)
+    with pytest.raises(ConfigError, match="robust mean"):  # `fedmq ctl set robust=...`
+        retuned(running, tuned(running.strategy, {"robust": rule}))
+
+
 def test_budget_too_small_for_one_step() -> None:
     with pytest.raises(ConfigError, match="spent"):
         ClientPrivacy(ClientDPConfig(clip_norm=1.0, noise_multiplier=0.5, target_epsilon=0.1), 1)

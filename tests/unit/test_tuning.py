@@ -136,6 +136,7 @@ def test_knob_values_are_those_the_strategy_uses() -> None:
         "staleness_a",
         "staleness_b",
         "max_staleness",
+        "outlier_factor",
     }
     assert set(knob_values(FEDBUFF)) == {
         "staleness",
@@ -144,6 +145,9 @@ def test_knob_values_are_those_the_strategy_uses() -> None:
         "max_staleness",
         "buffer_size",
         "server_lr",
+        "robust",
+        "trim_fraction",
+        "norm_bound_factor",
     }
     fedavg = StrategyConfig(name="fedavg", fedavg=FedAvgConfig(clients_per_round=3))
     assert knob_values(fedavg) == {"clients_per_round": 3}

@@ -103,7 +103,7 @@ def admit(
             )
     delta = bounds.clip(delta, norm)
     return Contribution(
-        delta=delta, staleness=staleness, num_examples=update.num_examples, base=base
+        delta=delta, staleness=staleness, num_examples=update.num_examples, base=base, norm=norm
     )
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from fedmq._fs import atomic_write
 from fedmq.codecs import SparseTensor
 from fedmq.errors import FedmqError
-from fedmq.strategies import FedAvgState, FedBuffState
+from fedmq.strategies import FedAsyncState, FedAvgState, FedBuffState
 
 __all__ = [
     "Checkpoint",
@@ -47,8 +47,10 @@ SCHEMA = "fedmq.checkpoint/2"
 FILENAME = "aggregator.ckpt"
 _ARRAY = 1  # msgpack ext code for an ndarray
 _STATE = 2  # msgpack ext code for a strategy state dataclass: [name, {field: value}]
-# The dataclasses a checkpoint may hold (strategy state; FedBuff may buffer sparse deltas).
+# The dataclasses a checkpoint may hold (strategy state; FedBuff may buffer sparse deltas;
+# FedAsync keeps its outlier check's recent norms).
 _STATES: dict[str, type] = {
+    "FedAsyncState": FedAsyncState,
     "FedBuffState": FedBuffState,
     "FedAvgState": FedAvgState,
     "SparseTensor": SparseTensor,

@@ -88,5 +88,11 @@ class AggregatorConfig:
                     " noise is calibrated to a fixed-size sum (use FedBuff's buffer)"
                 )
             )
+        if self.privacy is not None and self.strategy.robust.rule != "mean":
+            raise ConfigError(
+                f"dp: client-level DP needs --robust mean, not {self.strategy.robust.rule}: the"
+                " noise is calibrated to a sum of clipped deltas, and a median or trimmed mean"
+                " is not one (clipping, --clip-norm, already bounds each device)"
+            )
         for pid in sorted(self.allowed_participants or ()):  # an id no update can carry
             check_participant_id(pid, "allowed_participants")

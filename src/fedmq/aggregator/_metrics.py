@@ -185,6 +185,13 @@ class AggregatorCollector(Collector):
             buckets=_buckets(cumulative),
             sum_value=float(sum(d * n for d, n in stats.staleness.items())),
         )
+        yield CounterMetricFamily(
+            "fedmq_robust_clipped",
+            "Buffered deltas the robust norm-bounded rule scaled down (FedBuff --robust"
+            " norm_bounded); FedAsync's outlier check counts in fedmq_updates_rejected"
+            ' {reason="outlier"}',
+            value=stats.robust_clipped,
+        )
         yield GaugeMetricFamily(
             "fedmq_buffer_fill",
             "Contributions buffered, not yet in the model",

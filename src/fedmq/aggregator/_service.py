@@ -211,6 +211,7 @@ class Aggregator:
         self.stats.rejected.update(counters.get("rejected", {}))
         self.stats.staleness.update({int(k): n for k, n in counters.get("staleness", {}).items()})
         self.stats.buffered = self._strategy.pending(self._state)
+        self.stats.robust_clipped = self._strategy.clipped(self._state)
         self.resumed_from = self._version
         self._commits = counters.get("commits", 0)
         self.control_issued = float(counters.get("control_issued", 0.0))
@@ -437,6 +438,7 @@ class Aggregator:
         self.stats.participants.add(update.participant)
         self.stats.last_seen[update.participant] = time.monotonic()
         self.stats.buffered = self._strategy.pending(self._state)
+        self.stats.robust_clipped = self._strategy.clipped(self._state)
         log_event(
             _log,
             "accepted",
@@ -474,6 +476,7 @@ class Aggregator:
                     self._strategy.flush, self._params, self._state
                 )
                 self.stats.buffered = self._strategy.pending(self._state)
+                self.stats.robust_clipped = self._strategy.clipped(self._state)
                 if new_params is not None:
                     if self._privacy is not None:
                         self._privacy.stepped()

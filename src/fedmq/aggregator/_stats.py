@@ -53,6 +53,9 @@ class AggregatorStats:
     bytes_out: int = 0
     models_published: int = 0
     buffered: int = 0
+    # Deltas the robust norm-bounded rule scaled down (FedBuff; from the strategy state,
+    # so checkpointed with it). Refusals of FedAsync's outlier check are in ``rejected``.
+    robust_clipped: int = 0
     participants: set[str] = field(default_factory=set)
     target: Metric = field(default_factory=lambda: Metric("accuracy", higher_is_better=True))
     evaluations: list[EvalPoint] = field(default_factory=list)  # central and federated

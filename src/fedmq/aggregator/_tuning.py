@@ -11,7 +11,9 @@ The knobs (``KNOBS``; names as the command-line options):
 
 - ``alpha`` (FedAsync), ``staleness``, ``staleness_a``, ``staleness_b`` (FedAsync and
   FedBuff: the function s(d) and its parameters), ``max_staleness`` (FedAsync, FedBuff),
-  ``buffer_size`` and ``server_lr`` (FedBuff), ``clients_per_round`` (FedAvg).
+  ``buffer_size`` and ``server_lr`` (FedBuff), ``clients_per_round`` (FedAvg);
+  robust aggregation: ``robust``, ``trim_fraction``, ``norm_bound_factor`` (FedBuff),
+  ``outlier_factor`` (FedAsync).
 - The strategy itself and the server optimizer cannot change live: their state would
   not carry over. Restart the aggregator for those.
 - The ranges are the command line's: a ``server_lr`` that cannot work (sgd and momentum:
@@ -29,6 +31,10 @@ When a change takes effect:
 - ``buffer_size`` (K) and ``clients_per_round`` (C): if the buffer already holds at
   least the new size, it is flushed at once (one server step, a new model version);
   otherwise it simply waits for more. ``server_lr``: from the next flush.
+- ``robust``, ``trim_fraction``, ``norm_bound_factor``: at the next flush, over every delta
+  then buffered. ``outlier_factor``: for every update from then on; FedAsync keeps the
+  recent norms in its state whether or not the check is on, so turning it on live has
+  statistics at once.
 
 Durability: with a checkpoint directory, the tuned configuration is checkpointed
 before ``retune`` returns, and on restart **it wins over the command line** (the

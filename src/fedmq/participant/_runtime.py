@@ -35,7 +35,7 @@ from fedmq.models import get_params, set_params
 from fedmq.participant._config import ParticipantConfig
 from fedmq.participant._modelsync import ModelView
 from fedmq.participant._outbox import Outbox
-from fedmq.participant._trainer import Trainer
+from fedmq.participant._trainer import Attack, Trainer
 from fedmq.tasks import DeviceData, Task
 from fedmq.transport import ParticipantTransport
 from fedmq.wire import EvalEnvelope, encode_eval, open_signed, seal, tensor_spec_of
@@ -76,6 +76,8 @@ class Participant:
     at once, so a simulated fleet measures the protocol, not CPU contention.
     ``rounds``: train only when told to by ``train_round`` (synchronous rounds
     whose participants are picked from outside, as ``fedmq bench`` does).
+    ``attack``: a malicious device of a bench fleet (fedmq/sim/_attacks.py; never set
+    by ``fedmq participant``).
     ``detach`` / ``attach`` take the device offline and back online: its
     connection really closes while training goes on and the outbox keeps what
     it finishes.
@@ -90,6 +92,7 @@ class Participant:
         *,
         train_slots: asyncio.Semaphore | None = None,
         rounds: bool = False,
+        attack: Attack | None = None,
     ) -> None:
         self.config = config
         self.stats = ParticipantStats()
@@ -106,6 +109,7 @@ class Participant:
             error_feedback=config.error_feedback,
             signer=config.update_signer,
             clip_norm=config.clip_norm,
+            attack=attack,
         )
         self._spec = tensor_spec_of(get_params(self._trainer.model))
         self._outbox = Outbox(config.state_dir / "outbox")

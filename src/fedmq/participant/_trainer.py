@@ -9,6 +9,12 @@ keeps only the codec's error, never what clipping removed (the DP-FedAvg rule,
 docs/privacy.md): carried over, the clipped-off mass would make each update depend
 on earlier rounds' data beyond the bound.
 
+A malicious device of a simulated fleet (``fedmq bench --byzantine``) is an honest
+``Trainer`` given an ``Attack`` (the object lives in fedmq/sim/_attacks.py; nothing
+outside the simulations makes one): it may change the training data, and it changes
+the delta after training, before the codec. It does not clip (a device that attacks does
+not follow that rule either): the aggregator's own bound and the robust rules must stop it.
+
 A training that diverged (a NaN or infinite loss or delta) gives no update: it is
 logged as ``update_skipped reason=non_finite`` and ``step`` returns None, before the
 codec or the error-feedback residual sees it.
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from torch.utils.data import Dataset
@@ -30,11 +36,23 @@ from fedmq.privacy import clip
 from fedmq.tasks import Task
 from fedmq.wire import Signer, UpdateEnvelope, encode_update, seal
 
-__all__ = ["Trainer"]
+__all__ = ["Attack", "Trainer"]
 
 _log = logging.getLogger("fedmq.participant")
 
 Params = dict[str, np.ndarray]
+
+
+class Attack(Protocol):
+    """A bench attack (fedmq/sim/_attacks.py): what a malicious device changes."""
+
+    def poison_data(self, data: Dataset[Any]) -> Dataset[Any]:
+        """The data the device trains on instead of its own."""
+        ...
+
+    def poison_delta(self, delta: Params, seq: int) -> Params:
+        """The delta the device sends instead of its honest one (update ``seq``)."""
+        ...
 
 
 class Trainer:
@@ -43,7 +61,8 @@ class Trainer:
     ``error_feedback``: keep what a lossy codec drops and send it later (codecs/_feedback);
     a lossless codec (float32) drops nothing, so it has no residual to keep.
     ``signer``: seal every update with this device's key. ``clip_norm``: clip every delta
-    to this L2 norm before the codec (None: off). Not thread-safe: one step at a time
+    to this L2 norm before the codec (None: off). ``attack``: simulations only, a
+    malicious device (see the module docstring). Not thread-safe: one step at a time
     (a device trains once at a time).
     """
 
@@ -58,10 +77,12 @@ class Trainer:
         error_feedback: bool = True,
         signer: Signer | None = None,
         clip_norm: float | None = None,
+        attack: Attack | None = None,
     ) -> None:
         self.participant_id = participant_id
         self.task = task
-        self.data = data
+        self.attack = attack
+        self.data = data if attack is None else attack.poison_data(data)
         self.num_examples = len(data)  # type: ignore[arg-type]  # a map-style dataset
         self.seed = seed
         self.codec = codec
@@ -94,7 +115,9 @@ class Trainer:
                 tensors=bad[:5],
             )
             return None
-        if self.clip_norm is not None:
+        if self.attack is not None:
+            delta = self.attack.poison_delta(delta, seq)
+        elif self.clip_norm is not None:
             delta, _ = clip(delta, self.clip_norm)
         rng = np.random.default_rng([self.seed, seq])
         if self.feedback is not None:

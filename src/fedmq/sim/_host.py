@@ -191,6 +191,7 @@ def _snapshot(stats: Any, keyframes: int, deltas: int) -> dict[str, Any]:
         "deltas": deltas,
         "buffered": stats.buffered,
         "clipped": stats.clipped,
+        "robust_clipped": stats.robust_clipped,
         "privacy": stats.privacy,
         "participants": len(stats.participants),
         "eval_points": [dataclasses.asdict(p) for p in stats.evaluations],

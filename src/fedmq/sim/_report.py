@@ -195,6 +195,10 @@ def protocol_lines(runs: Sequence[Run]) -> list[str]:
         f" {strategy['fedbuff']['server_lr']}, {strategy['fedbuff']['server_optimizer']};"
         f" FedAvg C = {strategy['fedavg']['clients_per_round']}; max staleness"
         f" {strategy['max_staleness']}",
+        f"- robust rule {strategy.get('robust', {}).get('rule', 'mean')}"
+        f" ({json.dumps(strategy.get('robust', {}), sort_keys=True)}); update norm bounds"
+        f" {json.dumps(settings.get('bounds', {}), sort_keys=True)}",
+        f"- attack: {_attack_text(settings.get('attack', {}))}",
         f"- evaluation: {settings['evaluation']}; prefetch {settings['prefetch']}",
         f"- downlink: {_downlink_text(settings['downlink'])}",
         f"- broker: {first['broker']}; aggregator cost: {first['aggregator_cost']['measured']}",
@@ -213,6 +217,16 @@ def protocol_lines(runs: Sequence[Run]) -> list[str]:
     for codec in codecs:
         lines.append(f"- codec settings: `{codec}`")
     return lines
+
+
+def _attack_text(attack: dict[str, Any]) -> str:
+    if not attack.get("fraction"):
+        return "none"
+    return (
+        f"{attack['kind']} (strength {attack['strength']:g}) by {attack['fraction']:g} of the"
+        f" devices: {', '.join(str(i) for i in attack['malicious'])}"
+        " (sorted(default_rng([2, seed]).choice(N, round(fraction x N), replace=False)))"
+    )
 
 
 def _downlink_text(downlink: dict[str, Any]) -> str:

@@ -29,7 +29,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from fedmq.codecs import CodecConfig, encode_params
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.models import get_params
 from fedmq.participant import Participant, ParticipantConfig
+from fedmq.sim._attacks import Attack, AttackConfig, check_attack
 from fedmq.sim._display import progress_line, progress_table
 from fedmq.sim._fleet import FleetProtocol, RoundPicker, online_periods, speed_factors
 from fedmq.sim._host import AggregatorHost, HostSpec
@@ -60,7 +61,8 @@ TaskFactory = Callable[[], Task]
 @dataclass(frozen=True, kw_only=True)
 class BenchConfig:
     """One benchmark configuration: the task, the fleet, the aggregator, the devices,
-    the broker. ``partition``: the fmnist split's kind, for the report (the task has it)."""
+    the broker. ``partition``: the fmnist split's kind, for the report (the task has it).
+    ``attack``: which devices are malicious and what they do (none by default)."""
 
     label: str
     task: TaskFactory
@@ -69,6 +71,7 @@ class BenchConfig:
     transport: TransportConfig
     participant: ParticipantConfig  # template; id, state_dir and publish delay set per device
     partition: str = "dirichlet"
+    attack: AttackConfig = field(default_factory=AttackConfig)
 
 
 def fleet_of(
@@ -122,7 +125,9 @@ async def run_bench(
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
     task = config.task()
+    check_attack(config.attack, task)
     fleet, proto = fleet_of(task, data_dir, config.protocol)
+    malicious = set(config.attack.malicious(proto.participants))
     config = dataclasses.replace(
         config, protocol=proto, aggregator=_fleet_eval(config.aggregator, task, fleet)
     )
@@ -169,7 +174,13 @@ async def run_bench(
                 transport = connect_participant(config.transport, pid)
                 await transport.__aenter__()
                 participant = Participant(
-                    device_config, transport, task, data, train_slots=slots, rounds=sync
+                    device_config,
+                    transport,
+                    task,
+                    data,
+                    train_slots=slots,
+                    rounds=sync,
+                    attack=Attack(config.attack, i) if i in malicious else None,
                 )
                 device = _Device(
                     index=i,
@@ -386,6 +397,7 @@ def stats_from_snapshot(doc: dict[str, Any], t0: float, target: Metric) -> Aggre
     stats.models_published = doc["models_published"]
     stats.buffered = doc["buffered"]
     stats.clipped = doc.get("clipped", 0)
+    stats.robust_clipped = doc.get("robust_clipped", 0)
     stats.privacy = doc.get("privacy")
     stats.evaluations = [EvalPoint(**p) for p in doc["eval_points"]]
     return stats
@@ -483,6 +495,11 @@ def _report(
         "eval_reports": final.get("eval_reports", 0),
         "eval_rejected": final.get("eval_rejected", {}),
         "model_collapses": final.get("model_collapses", 0),
+        "robust": {
+            "clipped": final.get("robust_clipped", 0),
+            "outlier": rejected.get("outlier", 0),
+            "norm_bound": rejected.get("norm_bound", 0),
+        },
         "model_collapsing_at_end": final.get("model_collapsing", False),
         "fleet": {
             "trained": sum(d.participant.stats.trained for d in devices),
@@ -536,7 +553,13 @@ def _report(
 def settings_of(config: BenchConfig, task: Task) -> dict[str, Any]:
     """The task's and the devices' settings, as the report records them."""
     training = task.training
+    attack = config.attack
     return {
+        "attack": {
+            **dataclasses.asdict(attack),
+            "malicious": attack.malicious(config.protocol.participants),
+        },
+        "bounds": dataclasses.asdict(config.aggregator.bounds),
         "task": task.name,
         "model": type(task.build_model()).__name__,
         "strategy": dataclasses.asdict(config.aggregator.strategy),

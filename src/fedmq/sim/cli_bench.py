@@ -38,6 +38,7 @@ async def run_bench_command(values: dict[str, Any], parts: dict[str, Any]) -> in
         transport=transport,
         participant=parts["participant"],
         partition=values["partition"],
+        attack=parts["attack"],
     )
     if values["virtual"]:
         from fedmq.sim.virtual import run_virtual_command

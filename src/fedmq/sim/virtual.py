@@ -56,6 +56,7 @@ from fedmq.errors import Rejection
 from fedmq.models import get_params, set_params
 from fedmq.participant._trainer import Trainer
 from fedmq.privacy import ClientPrivacy
+from fedmq.sim._attacks import Attack, check_attack
 from fedmq.sim._display import progress_line, progress_table
 from fedmq.sim._fleet import RoundPicker, online_periods, speed_factors
 from fedmq.sim._report import dp_line, target_fields, write_results
@@ -110,7 +111,9 @@ class _Sim:
         self.config = config
         bench = config.bench
         self.task = task
+        check_attack(bench.attack, task)
         fleet, proto = fleet_of(task, data_dir, bench.protocol)
+        self.malicious = set(bench.attack.malicious(proto.participants))
         self.proto = proto
         self.goal = proto.goal(task.target)
         speeds = speed_factors(proto.participants, proto.speed_sigma)
@@ -327,6 +330,7 @@ class _Sim:
         self.stats.applied += 1
         self.stats.staleness[staleness] += 1
         self.stats.buffered = self.strategy.pending(self.state)
+        self.stats.robust_clipped = self.strategy.clipped(self.state)
         if new_params is not None:
             self.params = new_params
             self.version += 1
@@ -349,6 +353,9 @@ class _Sim:
                 codec=participant.codec,
                 error_feedback=participant.error_feedback,
                 clip_norm=participant.clip_norm,
+                attack=Attack(self.config.bench.attack, d.index)
+                if d.index in self.malicious
+                else None,
             )
         return d.trainer.step(base, self.history[base], seq, self.now)
 
@@ -566,6 +573,11 @@ def _report(
         "clipped": sim.stats.clipped,
         "dp": sim.privacy.report() if sim.privacy is not None else None,
         "stopped_by": "privacy_budget_spent" if sim.budget_spent else None,
+        "robust": {
+            "clipped": sim.stats.robust_clipped,
+            "outlier": rejected.get("outlier", 0),
+            "norm_bound": rejected.get("norm_bound", 0),
+        },
         "aggregator_cost": {
             "measured": "not measured (virtual clock: one process does everything)",
             "cpu_s": None,

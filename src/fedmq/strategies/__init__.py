@@ -25,6 +25,17 @@ from fedmq.strategies._fedbuff import (
     fedbuff_warnings,
     weighted_mean,
 )
+from fedmq.strategies._robust import (
+    ROBUST_RULES,
+    RobustConfig,
+    RobustRule,
+    coordinate_median,
+    delta_norm,
+    norm_bounded_mean,
+    outlier_limit,
+    robust_combine,
+    trimmed_mean,
+)
 from fedmq.strategies._staleness import (
     STALENESS_FUNCTIONS,
     StalenessConfig,
@@ -34,6 +45,7 @@ from fedmq.strategies._staleness import (
 from fedmq.strategies._strategy import (
     STRATEGY_NAMES,
     Contribution,
+    FedAsyncState,
     FedAvgState,
     Strategy,
     StrategyConfig,
@@ -56,6 +68,7 @@ from fedmq.strategies._tuning import (
 
 __all__ = [
     "KNOBS",
+    "ROBUST_RULES",
     "SERVER_OPTIMIZERS",
     "STALENESS_FUNCTIONS",
     "STRATEGY_NAMES",
@@ -64,6 +77,7 @@ __all__ = [
     "Delta",
     "Entry",
     "FedAsyncConfig",
+    "FedAsyncState",
     "FedAvgConfig",
     "FedAvgState",
     "FedBuffConfig",
@@ -71,6 +85,8 @@ __all__ = [
     "Knob",
     "KnobValue",
     "Params",
+    "RobustConfig",
+    "RobustRule",
     "ServerOptimizer",
     "StalenessConfig",
     "StalenessFunction",
@@ -78,7 +94,9 @@ __all__ = [
     "StrategyConfig",
     "StrategyName",
     "changes",
+    "coordinate_median",
     "default_server_lr",
+    "delta_norm",
     "fedasync_apply",
     "fedavg_aggregate",
     "fedbuff_add",
@@ -89,11 +107,15 @@ __all__ = [
     "flush_due",
     "knob_values",
     "make_strategy",
+    "norm_bounded_mean",
+    "outlier_limit",
     "parse_assignments",
+    "robust_combine",
     "staleness_weight",
     "strategy_from_dict",
     "strategy_to_dict",
     "strategy_warnings",
+    "trimmed_mean",
     "tuned",
     "weighted_mean",
 ]

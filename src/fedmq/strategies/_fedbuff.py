@@ -245,13 +245,15 @@ class FedBuffState:
     when the delta arrived; the arrays are read-only copies (top-k tensors decoded
     sparse stay ``SparseTensor``). ``m`` and ``v`` are
     the optimizer's moments (None until the first flush that uses them).
-    ``flushes`` counts server steps taken.
+    ``flushes`` counts server steps taken; ``clipped``, the deltas the norm-bounded
+    robust rule scaled down in them (strategies/_robust.py; 0 with any other rule).
     """
 
     entries: tuple[_Entry, ...] = ()
     m: _Arrays | None = None
     v: _Arrays | None = None
     flushes: int = 0
+    clipped: int = 0
 
 
 def fedbuff_init() -> FedBuffState:
@@ -323,7 +325,8 @@ def fedbuff_flush(
             v = {name: f32(b2 * _prev(v, name, g) + (1 - b2) * g[name] ** 2) for name in g}
             step = {name: f32(m[name] / (np.sqrt(v[name]) + eps)) for name in g}
     new_global = {name: f32(f32(x) + lr * step[name]) for name, x in global_.items()}
-    new_state = FedBuffState(
+    new_state = replace(
+        state,
         entries=(),
         m=None if m is None else _freeze(m),
         v=None if v is None else _freeze(v),

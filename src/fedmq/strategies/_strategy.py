@@ -12,13 +12,15 @@ and publishes whenever ``step`` returns new parameters::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, TypeVar, get_args
 
 import numpy as np
 import numpy.typing as npt
 
+from fedmq.errors import Reason, RejectedUpdate
 from fedmq.strategies._common import (
     Delta,
     Params,
@@ -33,6 +35,7 @@ from fedmq.strategies._fedasync import FedAsyncConfig, fedasync_apply
 from fedmq.strategies._fedavg import FedAvgConfig, fedavg_aggregate
 from fedmq.strategies._fedbuff import (
     Combine,
+    Entry,
     FedBuffConfig,
     FedBuffState,
     fedbuff_add,
@@ -40,12 +43,19 @@ from fedmq.strategies._fedbuff import (
     fedbuff_init,
     fedbuff_ready,
     fedbuff_warnings,
-    weighted_mean,
+)
+from fedmq.strategies._robust import (
+    RobustConfig,
+    delta_norm,
+    norm_bounded_mean,
+    outlier_limit,
+    robust_combine,
 )
 
 __all__ = [
     "STRATEGY_NAMES",
     "Contribution",
+    "FedAsyncState",
     "FedAvgState",
     "Strategy",
     "StrategyConfig",
@@ -70,13 +80,16 @@ class Contribution:
     global model advanced since ``base``; ``num_examples`` is the participant's
     local data size (FedAvg's weight). ``base`` is the model the participant
     trained from, required when the strategy ``needs_base`` (FedAsync mixes in
-    ``base + delta``).
+    ``base + delta``). ``norm``: the delta's L2 norm when the caller has it already
+    (the aggregator computes it on decode); FedAsync's outlier check reads it, and
+    computes it only when it is missing and the check is on.
     """
 
     delta: Delta
     staleness: int
     num_examples: int
     base: Params | None = None
+    norm: float | None = None
 
     def __post_init__(self) -> None:
         if not is_int(self.staleness) or self.staleness < 0:
@@ -95,7 +108,9 @@ class StrategyConfig:
 
     Updates staler than ``max_staleness`` are dropped (and counted) by the
     aggregator before they reach the strategy; FedAvg accepts only updates of
-    the current round (staleness 0) whatever this says.
+    the current round (staleness 0) whatever this says. ``robust``: FedBuff's robust
+    rule and FedAsync's outlier check (strategies/_robust.py); a rule other than
+    ``mean`` needs FedBuff, an outlier check FedAsync.
     """
 
     name: StrategyName = "fedasync"
@@ -103,6 +118,7 @@ class StrategyConfig:
     fedasync: FedAsyncConfig = field(default_factory=FedAsyncConfig)
     fedbuff: FedBuffConfig = field(default_factory=FedBuffConfig)
     fedavg: FedAvgConfig = field(default_factory=FedAvgConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     def __post_init__(self) -> None:
         require(self.name in STRATEGY_NAMES, self, "name", " | ".join(STRATEGY_NAMES), self.name)
@@ -117,9 +133,26 @@ class StrategyConfig:
             ("fedasync", FedAsyncConfig),
             ("fedbuff", FedBuffConfig),
             ("fedavg", FedAvgConfig),
+            ("robust", RobustConfig),
         ):
             value = getattr(self, name)
             require(isinstance(value, kind), self, name, f"a {kind.__name__}", value)
+        rule = self.robust.rule
+        require(
+            rule == "mean" or self.name == "fedbuff",
+            self,
+            "robust",
+            f"mean with strategy {self.name} (rule {rule} combines FedBuff's buffer)",
+            rule,
+        )
+        require(
+            not self.robust.outlier_factor or self.name == "fedasync",
+            self,
+            "outlier_factor",
+            f"0 with strategy {self.name} (the outlier check is FedAsync's; FedBuff: "
+            "rule norm_bounded)",
+            self.robust.outlier_factor,
+        )
 
 
 class Strategy(Protocol):
@@ -157,6 +190,10 @@ class Strategy(Protocol):
         """How many contributions are buffered, not yet in the model."""
         ...
 
+    def clipped(self, state: object) -> int:
+        """Deltas a robust rule scaled down so far (FedBuff ``norm_bounded``; else 0)."""
+        ...
+
     def changes_model(self, state: object) -> bool:
         """Whether the next ``step`` makes a new model (O(model) work, worth a thread);
         otherwise it only buffers the contribution, in O(number of tensors)."""
@@ -180,24 +217,47 @@ def strategy_warnings(config: StrategyConfig) -> tuple[str, ...]:
 def make_strategy(config: StrategyConfig, *, combine: Combine | None = None) -> Strategy:
     """The strategy ``config.name`` selects, configured by its own section.
 
-    ``combine``: how FedBuff turns a full buffer into its step (default: the weighted
-    mean); only FedBuff takes one.
+    ``combine``: how FedBuff turns a full buffer into its step; None: the rule
+    ``config.robust`` names (the weighted mean by default). Only FedBuff takes one.
+    FedAsync runs the outlier check of ``config.robust`` (off by default).
     """
     match config.name:
         case "fedasync":
-            return _FedAsync(config.fedasync, config.max_staleness)
+            return _FedAsync(config.fedasync, config.max_staleness, config.robust)
         case "fedbuff":
-            return _FedBuff(config.fedbuff, config.max_staleness, combine or weighted_mean)
+            bounded = None
+            if combine is None and config.robust.rule == "norm_bounded":
+                bounded = config.robust.norm_bound_factor  # counted: see _FedBuff._flush
+            return _FedBuff(
+                config.fedbuff,
+                config.max_staleness,
+                combine or robust_combine(config.robust),
+                bounded,
+            )
         case "fedavg":
             return _FedAvg(config.fedavg)
 
 
-class _FedAsync:
-    """Every contribution changes the model at once; no state (``None``)."""
+@dataclass(frozen=True, eq=False)
+class FedAsyncState:
+    """The L2 norms of the last accepted updates (at most the outlier window), oldest
+    first: the running statistics of FedAsync's outlier check, checkpointed with the
+    rest of the strategy state so a restart keeps the bound. Recorded whenever the
+    aggregator gives the norm (``Contribution.norm``), so the check has statistics as
+    soon as an operator turns it on live."""
 
-    def __init__(self, config: FedAsyncConfig, max_staleness: int) -> None:
+    norms: tuple[float, ...] = ()
+
+
+class _FedAsync:
+    """Every contribution changes the model at once; the state holds only the outlier
+    check's recent norms (``FedAsyncState``; ``None``, from an older checkpoint, is an
+    empty one)."""
+
+    def __init__(self, config: FedAsyncConfig, max_staleness: int, robust: RobustConfig) -> None:
         self._config = config
         self._max_staleness = max_staleness
+        self._robust = robust
 
     @property
     def needs_base(self) -> bool:
@@ -208,21 +268,37 @@ class _FedAsync:
         return self._max_staleness
 
     def init_state(self) -> object:
-        return None
+        return FedAsyncState()
 
     def step(
         self, global_: Params, state: object, contribution: Contribution
     ) -> tuple[_NewParams | None, object]:
-        _expect(state, type(None))
+        recent = FedAsyncState() if state is None else _expect(state, FedAsyncState)
         base = contribution.base
         if base is None:
             raise ValueError("FedAsync needs Contribution.base (the model the update started from)")
         check_compatible(base, contribution.delta, "delta")
         delta = contribution.delta
+        norm = contribution.norm
+        if norm is None and self._robust.outlier_factor:
+            norm = delta_norm(delta)
+        limit = outlier_limit(recent.norms, self._robust)
+        if norm is not None and limit < math.inf and not norm <= limit:  # NaN refused too
+            raise RejectedUpdate(
+                Reason.OUTLIER,
+                f"L2 norm {norm:.4g} > {limit:.4g} (median + {self._robust.outlier_factor:g}"
+                f" x MAD of the last {min(len(recent.norms), self._robust.outlier_window)})",
+            )
+        if norm is not None:
+            window = self._robust.outlier_window
+            recent = FedAsyncState(norms=(*recent.norms, norm)[-window:])
         local = {name: f32(f32(x) + f32(dense(delta[name]))) for name, x in base.items()}
-        return fedasync_apply(global_, local, contribution.staleness, self._config), None
+        return fedasync_apply(global_, local, contribution.staleness, self._config), recent
 
     def pending(self, state: object) -> int:
+        return 0
+
+    def clipped(self, state: object) -> int:
         return 0
 
     def changes_model(self, state: object) -> bool:
@@ -233,12 +309,19 @@ class _FedAsync:
 
 
 class _FedBuff:
-    """Buffers until ``buffer_size`` deltas, then one server-optimizer step."""
+    """Buffers until ``buffer_size`` deltas, then one server-optimizer step.
 
-    def __init__(self, config: FedBuffConfig, max_staleness: int, combine: Combine) -> None:
+    ``bounded``: the norm-bounded rule's factor when it is the combine in use, so that
+    each flush also counts the deltas it scaled down (``FedBuffState.clipped``).
+    """
+
+    def __init__(
+        self, config: FedBuffConfig, max_staleness: int, combine: Combine, bounded: float | None
+    ) -> None:
         self._config = config
         self._max_staleness = max_staleness
         self._combine = combine
+        self._bounded = bounded
 
     @property
     def needs_base(self) -> bool:
@@ -261,10 +344,27 @@ class _FedBuff:
         )
         if not fedbuff_ready(buffered, self._config):
             return None, buffered
-        return fedbuff_flush(global_, buffered, self._config, self._combine)
+        return self._flush(global_, buffered)
+
+    def _flush(self, global_: Params, buffered: FedBuffState) -> tuple[_NewParams, FedBuffState]:
+        factor = self._bounded
+        if factor is None:
+            return fedbuff_flush(global_, buffered, self._config, self._combine)
+        clipped = 0
+
+        def combine(entries: Sequence[Entry], k: int) -> _NewParams:
+            nonlocal clipped
+            g, clipped = norm_bounded_mean(entries, k, factor)
+            return g
+
+        new_params, state = fedbuff_flush(global_, buffered, self._config, combine)
+        return new_params, replace(state, clipped=buffered.clipped + clipped)
 
     def pending(self, state: object) -> int:
         return len(_expect(state, FedBuffState).entries)
+
+    def clipped(self, state: object) -> int:
+        return _expect(state, FedBuffState).clipped
 
     def changes_model(self, state: object) -> bool:
         return self.pending(state) + 1 >= self._config.buffer_size
@@ -273,7 +373,7 @@ class _FedBuff:
         buffered = _expect(state, FedBuffState)
         if not buffered.entries:
             return None, state
-        return fedbuff_flush(global_, buffered, self._config, self._combine)
+        return self._flush(global_, buffered)
 
 
 @dataclass(frozen=True, eq=False)
@@ -317,6 +417,9 @@ class _FedAvg:
 
     def pending(self, state: object) -> int:
         return len(_expect(state, FedAvgState).entries)
+
+    def clipped(self, state: object) -> int:
+        return 0
 
     def changes_model(self, state: object) -> bool:
         # A dense copy of a sparse delta is O(model) too: a thread for those as well.

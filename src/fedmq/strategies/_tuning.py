@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, get_type_hints
 
 from fedmq.errors import ConfigError
+from fedmq.strategies._robust import ROBUST_RULES
 from fedmq.strategies._staleness import STALENESS_FUNCTIONS, StalenessConfig
 from fedmq.strategies._strategy import StrategyConfig, StrategyName
 
@@ -72,6 +73,25 @@ KNOBS: dict[str, Knob] = {
             ("fedbuff",),
         ),
         Knob("clients_per_round", int, "FedAvg: participants per round C, >= 1", ("fedavg",)),
+        Knob("robust", str, "FedBuff: robust rule of the buffer", ("fedbuff",), ROBUST_RULES),
+        Knob(
+            "trim_fraction",
+            float,
+            "FedBuff trimmed_mean: share cut at each end, in [0, 0.5)",
+            ("fedbuff",),
+        ),
+        Knob(
+            "norm_bound_factor",
+            float,
+            "FedBuff norm_bounded: clip to this x the buffer's median norm, >= 1",
+            ("fedbuff",),
+        ),
+        Knob(
+            "outlier_factor",
+            float,
+            "FedAsync: refuse norms above median + this x MAD of recent ones, >= 0 (0: off)",
+            ("fedasync",),
+        ),
     )
 }
 
@@ -158,12 +178,20 @@ def tuned(config: StrategyConfig, values: Mapping[str, object]) -> StrategyConfi
         config.fedavg,
         clients_per_round=v.get("clients_per_round", config.fedavg.clients_per_round),
     )
+    r = {
+        "rule": "robust",
+        "trim_fraction": "trim_fraction",
+        "norm_bound_factor": "norm_bound_factor",
+        "outlier_factor": "outlier_factor",
+    }
+    robust = dataclasses.replace(config.robust, **{f: v[k] for f, k in r.items() if k in v})
     return dataclasses.replace(
         config,
         max_staleness=v.get("max_staleness", config.max_staleness),
         fedasync=fedasync,
         fedbuff=fedbuff,
         fedavg=fedavg,
+        robust=robust,
     )
 
 
@@ -179,6 +207,10 @@ def knob_values(config: StrategyConfig) -> dict[str, KnobValue]:
         "buffer_size": config.fedbuff.buffer_size,
         "server_lr": config.fedbuff.lr,
         "clients_per_round": config.fedavg.clients_per_round,
+        "robust": config.robust.rule,
+        "trim_fraction": config.robust.trim_fraction,
+        "norm_bound_factor": config.robust.norm_bound_factor,
+        "outlier_factor": config.robust.outlier_factor,
     }
     return {k: v for k, v in every.items() if config.name in KNOBS[k].strategies}
 
