@@ -28,3 +28,5 @@ run noise-mean --byzantine 0.1 --attack noise
 run noise-trimmed_mean --byzantine 0.1 --attack noise --robust trimmed_mean
 run label-flip-mean --byzantine 0.1 --attack label-flip
 run label-flip-trimmed_mean --byzantine 0.1 --attack label-flip --robust trimmed_mean
+run sign-flip-median --byzantine 0.1 --attack sign-flip --robust median
+run sign-flip-norm_bounded --byzantine 0.1 --attack sign-flip --robust norm_bounded
