@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -11,6 +12,7 @@ from typing import Literal
 from fedmq.aggregator._health import CollapseWatch
 from fedmq.aggregator._histogram import Histogram
 from fedmq.tasks import Metric
+from fedmq.wire import PrivacySpend
 
 __all__ = ["AggregatorStats", "EvalPoint", "EvalSource"]
 
@@ -64,6 +66,26 @@ class AggregatorStats:
     controls: Counter[str] = field(default_factory=Counter)  # "applied" / "rejected"
     control_rejected: Counter[str] = field(default_factory=Counter)  # by reason
     health: CollapseWatch = field(default_factory=CollapseWatch)  # fed every evaluation
+    # The latest privacy spend each device reported with an applied update (its word:
+    # DP-SGD or local DP on the device, docs/privacy.md).
+    privacy: dict[str, PrivacySpend] = field(default_factory=dict)
+
+    def record_privacy(self, participant: str, spend: PrivacySpend | None) -> None:
+        """Keep ``participant``'s reported spend (an update without one changes nothing)."""
+        if spend is not None:
+            self.privacy[participant] = spend
+
+    def device_epsilon(self, mechanism: str | None = None) -> dict[str, float]:
+        """The devices' reported epsilon: ``max``, ``median`` and ``devices`` (how many
+        reported), over every device or those of ``mechanism``; {} if none reported."""
+        values = [s.epsilon for s in self.privacy.values() if mechanism in (None, s.mechanism)]
+        if not values:
+            return {}
+        return {
+            "max": max(values),
+            "median": statistics.median(values),
+            "devices": float(len(values)),
+        }
 
     @property
     def elapsed_s(self) -> float:

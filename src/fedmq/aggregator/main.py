@@ -87,4 +87,21 @@ async def _status(stats: AggregatorStats, every_s: float = 10.0) -> None:
             target=stats.target.name,
             value=stats.latest_target,
             mean_staleness=round(stats.mean_staleness, 2),
+            **_device_privacy(stats),
         )
+
+
+def _device_privacy(stats: AggregatorStats) -> dict[str, Any]:
+    """The devices' own privacy spend for the status line: the fleet's max and median
+    epsilon, and each device's (mechanism, epsilon, delta), when any device reports one."""
+    summary = stats.device_epsilon()
+    if not summary:
+        return {}
+    return {
+        "device_epsilon_max": round(summary["max"], 4),
+        "device_epsilon_median": round(summary["median"], 4),
+        "device_privacy": {
+            pid: [s.mechanism, round(s.epsilon, 4), s.delta]
+            for pid, s in sorted(stats.privacy.items())
+        },
+    }

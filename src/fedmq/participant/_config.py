@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedmq.codecs import CodecConfig
 from fedmq.errors import ConfigError
+from fedmq.privacy import DPSGDConfig, LocalDPConfig
 from fedmq.wire import Signer, Verifier, WireLimits, check_participant_id, key_owner
 
 __all__ = ["ParticipantConfig"]
@@ -28,6 +29,8 @@ class ParticipantConfig:
     ``update_signer``: if set, every update is signed with this device's key (one it
     owns: ``<id>`` or ``<id>.<label>``); ``model_verifier``: if set, only models signed
     by one of its keys (the aggregator's) are trained on.
+    ``dp_sgd`` / ``local_dp`` (at most one): privacy on the device (docs/privacy.md); its
+    accountant is kept in ``state_dir`` with the outbox.
     """
 
     participant_id: str
@@ -41,6 +44,8 @@ class ParticipantConfig:
     limits: WireLimits = field(default_factory=WireLimits)
     update_signer: Signer | None = None
     model_verifier: Verifier | None = None
+    dp_sgd: DPSGDConfig | None = None
+    local_dp: LocalDPConfig | None = None
 
     def __post_init__(self) -> None:
         pid = check_participant_id(self.participant_id, "id")
@@ -49,5 +54,7 @@ class ParticipantConfig:
             raise ConfigError(f"signing_key: key {signer.key_id!r} does not belong to {pid!r}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every: {self.eval_every} must be >= 0 (0: never)")
+        if self.dp_sgd is not None and self.local_dp is not None:
+            raise ConfigError("privacy: choose one of dp-sgd and local-dp on a device")
         if self.publish_delay_s < 0:
             raise ConfigError(f"publish_delay: {self.publish_delay_s} must be >= 0")

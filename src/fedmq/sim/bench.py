@@ -538,7 +538,13 @@ def settings_of(config: BenchConfig, task: Task) -> dict[str, Any]:
         "optimizer": training.optimizer,
         "partition": config.partition,
         "device_eval_every": config.participant.eval_every,
+        "dp_sgd": _asdict(config.participant.dp_sgd),
+        "local_dp": _asdict(config.participant.local_dp),
     }
+
+
+def _asdict(config: Any) -> dict[str, Any] | None:
+    return None if config is None else dataclasses.asdict(config)
 
 
 def _evaluation_text(
