@@ -46,7 +46,14 @@ from fedmq.participant._outbox import Outbox
 from fedmq.participant._trainer import Trainer
 from fedmq.tasks import DeviceData, Task
 from fedmq.transport import ParticipantTransport
-from fedmq.wire import EvalEnvelope, encode_eval, open_signed, seal, tensor_spec_of
+from fedmq.wire import (
+    EvalEnvelope,
+    PrivacySpend,
+    encode_eval,
+    open_signed,
+    seal,
+    tensor_spec_of,
+)
 
 __all__ = ["Participant", "ParticipantStats"]
 
@@ -154,6 +161,11 @@ class Participant:
     @property
     def online(self) -> bool:
         return bool(self._io_tasks)
+
+    @property
+    def privacy_spend(self) -> PrivacySpend | None:
+        """The device's privacy spend so far (its accountant's; None without DP)."""
+        return self._trainer.spend
 
     @property
     def num_examples(self) -> int:
