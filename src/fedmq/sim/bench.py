@@ -468,6 +468,7 @@ def _report(
         "aggregator_bytes_published": final.get("bytes_out"),
         "keyframes": final.get("keyframes"),
         "deltas": final.get("deltas"),
+        "device_epsilon": final.get("device_epsilon") or None,
         "device_view": {
             "keyframes_applied": sum(v.keyframes for v in views),
             "deltas_applied": sum(v.deltas for v in views),
