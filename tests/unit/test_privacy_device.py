@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 import time
 import warnings
 from typing import Any
@@ -337,3 +339,13 @@ def test_a_device_takes_one_mechanism_and_dp_sgd_needs_the_default_loop() -> Non
         Trainer(
             task=own_loop, codec=CodecConfig(), dp_sgd=DPSGDConfig(noise_multiplier=1.0), **kwargs
         )
+
+
+def test_without_dp_nothing_of_opacus_or_dp_accounting_is_loaded() -> None:
+    # The non-private path stays as it was: no import (Opacus alone takes seconds).
+    code = (
+        "import sys, fedmq.cli, fedmq.participant, fedmq.aggregator, fedmq.sim.virtual;"
+        "print(sorted(m for m in ('opacus', 'dp_accounting') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
