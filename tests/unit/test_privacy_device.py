@@ -349,3 +349,16 @@ def test_without_dp_nothing_of_opacus_or_dp_accounting_is_loaded() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_status_line_names_the_devices_of_the_largest_epsilon() -> None:
+    from fedmq.aggregator.main import _device_privacy
+
+    stats = AggregatorStats()
+    assert _device_privacy(stats) == {}  # no device runs DP: nothing added to the line
+    for i in range(30):
+        stats.record_privacy(f"d{i:02d}", PrivacySpend(mechanism="local", epsilon=i, delta=1e-5))
+    fields = _device_privacy(stats)
+    assert fields["device_epsilon_max"] == 29 and fields["device_epsilon_median"] == 14.5
+    assert list(fields["device_privacy"]) == [f"d{i}" for i in range(20, 30)]
+    assert fields["device_privacy"]["d29"] == ["local", 29, 1e-5]
