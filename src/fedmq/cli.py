@@ -32,7 +32,7 @@ from fedmq.aggregator import AggregatorConfig, BoundsConfig, ControlConfig, FedE
 from fedmq.codecs import CodecConfig
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.participant import ParticipantConfig
-from fedmq.privacy import ClientDPConfig
+from fedmq.privacy import ClientDPConfig, DPSGDConfig, LocalDPConfig
 from fedmq.strategies import (
     FedAsyncConfig,
     FedAvgConfig,
@@ -225,6 +225,17 @@ _TRAINING = [
     ),
     Option("dirichlet_alpha", float, 0.5, "fmnist: label skew of the Dirichlet split"),
     Option("seed", int, 0, "seed of the split, the initial model and the local shuffles"),
+    # Privacy on the device (docs/privacy.md); distinct from the aggregator's --dp-epsilon.
+    Option("dp_sgd_epsilon", float, None, "DP-SGD on the device: budget epsilon (calibrates z)"),
+    Option("dp_sgd_noise_multiplier", float, None, "DP-SGD on the device: noise multiplier z"),
+    Option("max_grad_norm", float, 1.0, "DP-SGD: per-example gradient clip norm"),
+    Option("dp_sgd_delta", float, 1e-5, "DP-SGD: delta of the device's (epsilon, delta)"),
+    Option("dp_sgd_epochs", int, 20, "DP-SGD: local epochs the budget is calibrated for"),
+    Option("local_dp_epsilon", float, None, "local DP: the device's budget epsilon"),
+    Option("local_dp_noise_multiplier", float, None, "local DP: noise multiplier z"),
+    Option("local_dp_clip_norm", float, 1.0, "local DP: the update's L2 clip bound C"),
+    Option("local_dp_delta", float, 1e-5, "local DP: delta of the device's (epsilon, delta)"),
+    Option("local_dp_updates", int, 100, "local DP: updates the budget is calibrated for"),
 ]
 _PARTICIPANT = [
     _BROKER,
@@ -583,6 +594,32 @@ def codec_config(v: Values) -> CodecConfig:
     )
 
 
+def dp_sgd_config(v: Values) -> DPSGDConfig | None:
+    """``--dp-sgd-epsilon`` / ``--dp-sgd-noise-multiplier`` (None when neither is given)."""
+    if v.get("dp_sgd_epsilon") is None and v.get("dp_sgd_noise_multiplier") is None:
+        return None
+    return DPSGDConfig(
+        target_epsilon=v["dp_sgd_epsilon"],
+        noise_multiplier=v["dp_sgd_noise_multiplier"],
+        max_grad_norm=v["max_grad_norm"],
+        delta=v["dp_sgd_delta"],
+        planned_epochs=v["dp_sgd_epochs"],
+    )
+
+
+def local_dp_config(v: Values) -> LocalDPConfig | None:
+    """``--local-dp-epsilon`` / ``--local-dp-noise-multiplier`` (None when neither)."""
+    if v.get("local_dp_epsilon") is None and v.get("local_dp_noise_multiplier") is None:
+        return None
+    return LocalDPConfig(
+        target_epsilon=v["local_dp_epsilon"],
+        noise_multiplier=v["local_dp_noise_multiplier"],
+        clip_norm=v["local_dp_clip_norm"],
+        delta=v["local_dp_delta"],
+        planned_updates=v["local_dp_updates"],
+    )
+
+
 def participant_config(v: Values, participant_id: str, state_dir: Path) -> ParticipantConfig:
     return ParticipantConfig(
         participant_id=participant_id,
@@ -599,6 +636,8 @@ def participant_config(v: Values, participant_id: str, state_dir: Path) -> Parti
         # With adaptive clipping the simulated devices leave clipping to the aggregator
         # (they cannot know the C in force).
         clip_norm=None if v.get("dp_adaptive_quantile") is not None else v.get("clip_norm"),
+        dp_sgd=dp_sgd_config(v),
+        local_dp=local_dp_config(v),
     )
 
 

@@ -32,9 +32,11 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from fedmq.errors import ConfigError, Reason
 from fedmq.strategies import knob_values
+from fedmq.wire import PRIVACY_MECHANISMS
 
 if TYPE_CHECKING:
     from fedmq.aggregator._service import Aggregator
+    from fedmq.aggregator._stats import AggregatorStats
 
 __all__ = [
     "STALENESS_BUCKETS",
@@ -224,7 +226,30 @@ class AggregatorCollector(Collector):
             f"Devices with an applied update in the last {self._window:g} s",
             value=sum(1 for t in stats.last_seen.values() if now - t <= self._window),
         )
+        yield from self._device_privacy(stats)
         yield from self._tuning(aggregator)
+
+    def _device_privacy(self, stats: AggregatorStats) -> Iterator[Metric]:
+        # The devices' own reported spend (DP-SGD / local DP). No per-device label: a
+        # fleet of thousands would be thousands of series; ctl/status logs name them.
+        largest = GaugeMetricFamily(
+            "fedmq_device_epsilon_max",
+            "Largest privacy epsilon a device reported (its own accountant), any mechanism",
+        )
+        by_mechanism = GaugeMetricFamily(
+            "fedmq_device_epsilon_max_by_mechanism",
+            "Largest privacy epsilon a device reported, by mechanism (dp-sgd, local)",
+            labels=["mechanism"],
+        )
+        overall = stats.device_epsilon()
+        if overall:
+            largest.add_metric([], overall["max"])
+        for mechanism in PRIVACY_MECHANISMS:
+            summary = stats.device_epsilon(mechanism)
+            if summary:
+                by_mechanism.add_metric([mechanism], summary["max"])
+        yield largest
+        yield by_mechanism
 
     def _tuning(self, aggregator: Aggregator) -> Iterator[Metric]:
         config = aggregator.config.strategy

@@ -437,6 +437,7 @@ class Aggregator:
         self.stats.staleness[contribution.staleness] += 1
         self.stats.participants.add(update.participant)
         self.stats.last_seen[update.participant] = time.monotonic()
+        self.stats.record_privacy(update.participant, update.privacy)
         self.stats.buffered = self._strategy.pending(self._state)
         self.stats.robust_clipped = self._strategy.clipped(self._state)
         log_event(

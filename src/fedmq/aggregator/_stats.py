@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -11,6 +12,7 @@ from typing import Any, Literal
 from fedmq.aggregator._health import CollapseWatch
 from fedmq.aggregator._histogram import Histogram
 from fedmq.tasks import Metric
+from fedmq.wire import PrivacySpend
 
 __all__ = ["AggregatorStats", "EvalPoint", "EvalSource"]
 
@@ -71,6 +73,28 @@ class AggregatorStats:
     # Client-level DP (ClientPrivacy.report()): epsilon spent, delta, z, C, min_gap,
     # steps; refreshed after every server step. None when DP is off.
     privacy: dict[str, Any] | None = None
+    # The latest privacy spend each device reported with an applied update (its word:
+    # DP-SGD or local DP on the device, docs/privacy.md).
+    device_privacy: dict[str, PrivacySpend] = field(default_factory=dict)
+
+    def record_privacy(self, participant: str, spend: PrivacySpend | None) -> None:
+        """Keep ``participant``'s reported spend (an update without one changes nothing)."""
+        if spend is not None:
+            self.device_privacy[participant] = spend
+
+    def device_epsilon(self, mechanism: str | None = None) -> dict[str, float]:
+        """The devices' reported epsilon: ``max``, ``median`` and ``devices`` (how many
+        reported), over every device or those of ``mechanism``; {} if none reported."""
+        values = [
+            s.epsilon for s in self.device_privacy.values() if mechanism in (None, s.mechanism)
+        ]
+        if not values:
+            return {}
+        return {
+            "max": max(values),
+            "median": statistics.median(values),
+            "devices": float(len(values)),
+        }
 
     @property
     def elapsed_s(self) -> float:

@@ -114,4 +114,29 @@ async def _status(stats: AggregatorStats, every_s: float = 10.0) -> None:
                 if stats.privacy is not None
                 else {}
             ),
+            **_device_privacy(stats),
         )
+
+
+def _device_privacy(stats: AggregatorStats) -> dict[str, Any]:
+    """The devices' own privacy spend for the status line: the fleet's max and median
+    epsilon, and (mechanism, epsilon, delta) of the devices with the largest epsilon (at
+    most 10), when any device reports one."""
+    summary = stats.device_epsilon()
+    if not summary:
+        return {}
+    # Every device's for a small fleet (a few sites: DP-SGD's case); the 10 largest for
+    # a large one, so the line stays a line.
+    largest = sorted(stats.device_privacy.items(), key=lambda item: -item[1].epsilon)[
+        :_PRIVACY_LISTED
+    ]
+    return {
+        "device_epsilon_max": round(summary["max"], 4),
+        "device_epsilon_median": round(summary["median"], 4),
+        "device_privacy": {
+            pid: [s.mechanism, round(s.epsilon, 4), s.delta] for pid, s in sorted(largest)
+        },
+    }
+
+
+_PRIVACY_LISTED = 10

@@ -3,5 +3,6 @@
 from fedmq.participant._config import ParticipantConfig
 from fedmq.participant._outbox import Outbox
 from fedmq.participant._runtime import Participant, ParticipantStats
+from fedmq.participant._trainer import PrivacyBudgetSpent
 
-__all__ = ["Outbox", "Participant", "ParticipantConfig", "ParticipantStats"]
+__all__ = ["Outbox", "Participant", "ParticipantConfig", "ParticipantStats", "PrivacyBudgetSpent"]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from fedmq.codecs import CodecConfig
 from fedmq.errors import ConfigError
+from fedmq.privacy import DPSGDConfig, LocalDPConfig
 from fedmq.wire import Signer, Verifier, WireLimits, check_participant_id, key_owner
 
 __all__ = ["ParticipantConfig"]
@@ -30,6 +31,8 @@ class ParticipantConfig:
     by one of its keys (the aggregator's) are trained on.
     ``clip_norm``: clip every delta to this L2 norm before the codec (None: off;
     docs/privacy.md).
+    ``dp_sgd`` / ``local_dp`` (at most one): privacy on the device (docs/privacy.md); its
+    accountant is kept in ``state_dir`` with the outbox.
     """
 
     participant_id: str
@@ -44,6 +47,8 @@ class ParticipantConfig:
     update_signer: Signer | None = None
     model_verifier: Verifier | None = None
     clip_norm: float | None = None
+    dp_sgd: DPSGDConfig | None = None
+    local_dp: LocalDPConfig | None = None
 
     def __post_init__(self) -> None:
         pid = check_participant_id(self.participant_id, "id")
@@ -54,5 +59,7 @@ class ParticipantConfig:
             raise ConfigError(f"eval_every: {self.eval_every} must be >= 0 (0: never)")
         if self.clip_norm is not None and not (0 < self.clip_norm < float("inf")):
             raise ConfigError(f"clip_norm: {self.clip_norm} must be > 0 and finite")
+        if self.dp_sgd is not None and self.local_dp is not None:
+            raise ConfigError("privacy: choose one of dp-sgd and local-dp on a device")
         if self.publish_delay_s < 0:
             raise ConfigError(f"publish_delay: {self.publish_delay_s} must be >= 0")

@@ -15,6 +15,13 @@ or learning rate that diverged) is skipped with ``update_skipped reason=non_fini
 any other exception with ``training_failed`` and its traceback; both are counted in
 ``ParticipantStats.skipped``, take no sequence number, and the device waits for a
 newer model before it trains again.
+
+Privacy on the device (``config.dp_sgd`` / ``config.local_dp``): the accountant's state
+is written to ``state_dir/privacy.json`` before each update enters the outbox, so an
+update is never published without its cost on disk, and a reboot never resets the
+budget. Once the next update would exceed the budget the device logs
+``privacy_budget_spent`` and trains no more (it keeps receiving models, evaluating and
+publishing what its outbox holds).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -30,7 +38,7 @@ import numpy as np
 
 from fedmq._fs import atomic_write
 from fedmq._log import log_event
-from fedmq.errors import PayloadTooLarge, TransportError, WireError
+from fedmq.errors import ConfigError, PayloadTooLarge, TransportError, WireError
 from fedmq.models import get_params, set_params
 from fedmq.participant._config import ParticipantConfig
 from fedmq.participant._modelsync import ModelView
@@ -38,7 +46,14 @@ from fedmq.participant._outbox import Outbox
 from fedmq.participant._trainer import Attack, Trainer
 from fedmq.tasks import DeviceData, Task
 from fedmq.transport import ParticipantTransport
-from fedmq.wire import EvalEnvelope, encode_eval, open_signed, seal, tensor_spec_of
+from fedmq.wire import (
+    EvalEnvelope,
+    PrivacySpend,
+    encode_eval,
+    open_signed,
+    seal,
+    tensor_spec_of,
+)
 
 __all__ = ["Participant", "ParticipantStats"]
 
@@ -65,6 +80,7 @@ class ParticipantStats:
     evaluated: int = 0  # evaluation reports sent
     eval_failed: int = 0  # the task's evaluate raised (logged with its traceback)
     last_metrics: dict[str, float] = field(default_factory=dict)  # of the last one
+    budget_spent: bool = False  # the privacy budget is spent: the device trains no more
 
 
 class Participant:
@@ -110,10 +126,13 @@ class Participant:
             signer=config.update_signer,
             clip_norm=config.clip_norm,
             attack=attack,
+            dp_sgd=config.dp_sgd,
+            local_dp=config.local_dp,
         )
         self._spec = tensor_spec_of(get_params(self._trainer.model))
         self._outbox = Outbox(config.state_dir / "outbox")
         self._load_feedback()
+        self._load_privacy()
         self._eval_model = task.build_model(config.seed) if self._evaluates else None
         self._eval_arrived = asyncio.Event()
         # The newest report made, not yet sent: (version, metrics, sealed body). Sent by an
@@ -147,6 +166,11 @@ class Participant:
     @property
     def online(self) -> bool:
         return bool(self._io_tasks)
+
+    @property
+    def privacy_spend(self) -> PrivacySpend | None:
+        """The device's privacy spend so far (its accountant's; None without DP)."""
+        return self._trainer.spend
 
     @property
     def num_examples(self) -> int:
@@ -246,6 +270,9 @@ class Participant:
             ):
                 self._model_arrived.clear()
                 await self._model_arrived.wait()
+            if not self._trainer.can_train():
+                self._budget_spent()
+                return
             # Take the newest model only once a training slot is ours, so a device
             # that queued for the CPU does not train from a model that aged meanwhile.
             async with self._slots or contextlib.nullcontext():
@@ -294,6 +321,21 @@ class Participant:
         self.stats.trained += 1
         self.stats.last_loss = self._trainer.last_loss
         return seq, body
+
+    def _budget_spent(self) -> None:
+        privacy = self._trainer.privacy
+        assert privacy is not None
+        self.stats.budget_spent = True
+        log_event(
+            _log,
+            "privacy_budget_spent",
+            logging.WARNING,
+            participant=self.config.participant_id,
+            mechanism=privacy.mechanism,
+            epsilon=round(privacy.epsilon, 6),
+            budget=privacy.budget,
+            delta=privacy.delta,
+        )
 
     def _count_skip(self, reason: str) -> None:
         self.stats.skipped[reason] = self.stats.skipped.get(reason, 0) + 1
@@ -379,6 +421,7 @@ class Participant:
         return self._view.accept(inner)
 
     def _store(self, seq: int, body: bytes) -> None:
+        self._save_privacy()  # first: an update on disk always has its cost on disk
         self._outbox.put(seq, body)
         self._save_feedback()
 
@@ -423,3 +466,23 @@ class Participant:
         buffer = io.BytesIO()
         np.savez(buffer, **feedback.state_dict())  # type: ignore[arg-type]
         atomic_write(self.config.state_dir / "feedback.npz", buffer.getvalue())
+
+    # The privacy accountant is device state too, and the most important: a reboot that
+    # forgot what was spent would let the device spend its budget again.
+    def _load_privacy(self) -> None:
+        path = self.config.state_dir / "privacy.json"
+        privacy = self._trainer.privacy
+        if privacy is None or not path.exists():
+            return
+        try:
+            privacy.load_state_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(
+                f"{path}: not a privacy state this device can use: {error}"
+            ) from error
+
+    def _save_privacy(self) -> None:
+        privacy = self._trainer.privacy
+        if privacy is not None:
+            state = json.dumps(privacy.state_dict(), sort_keys=True)
+            atomic_write(self.config.state_dir / "privacy.json", state.encode())

@@ -18,11 +18,24 @@ not follow that rule either): the aggregator's own bound and the robust rules mu
 A training that diverged (a NaN or infinite loss or delta) gives no update: it is
 logged as ``update_skipped reason=non_finite`` and ``step`` returns None, before the
 codec or the error-feedback residual sees it.
+
+Privacy on the device (fedmq.privacy, docs/privacy.md), at most one of:
+
+- ``dp_sgd``: the local training is Opacus's DP-SGD instead of the task's loop;
+- ``local_dp``: the delta is clipped and noised here, before the codec (so the
+  error-feedback residual holds only the codec's error on the noisy delta).
+
+Either way the device's accountant travels with every update (``privacy``, wire key
+9) and ``step`` refuses to train (``PrivacyBudgetSpent``) once the next update would
+exceed the budget. Their noise and Poisson sampling come from OS entropy, never from
+``seed``: noise anyone can recompute protects nothing. With neither, nothing changes:
+no import of Opacus, no extra work.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -31,12 +44,18 @@ from torch.utils.data import Dataset
 
 from fedmq._log import log_event
 from fedmq.codecs import CodecConfig, ErrorFeedback, encode_params
+from fedmq.errors import ConfigError, FedmqError
 from fedmq.models import get_params, non_finite, set_params
-from fedmq.privacy import clip
+from fedmq.privacy import DPSGD, DPSGDConfig, LocalDP, LocalDPConfig, clip
 from fedmq.tasks import Task
-from fedmq.wire import Signer, UpdateEnvelope, encode_update, seal
+from fedmq.wire import PrivacySpend, Signer, UpdateEnvelope, encode_update, seal
 
-__all__ = ["Attack", "Trainer"]
+__all__ = ["Attack", "PrivacyBudgetSpent", "Trainer"]
+
+
+class PrivacyBudgetSpent(FedmqError):
+    """The device's next update would spend more than its privacy budget."""
+
 
 _log = logging.getLogger("fedmq.participant")
 
@@ -78,6 +97,8 @@ class Trainer:
         signer: Signer | None = None,
         clip_norm: float | None = None,
         attack: Attack | None = None,
+        dp_sgd: DPSGDConfig | None = None,
+        local_dp: LocalDPConfig | None = None,
     ) -> None:
         self.participant_id = participant_id
         self.task = task
@@ -92,14 +113,68 @@ class Trainer:
         self.feedback = ErrorFeedback(codec) if error_feedback and lossy else None
         self.model = task.build_model(seed)
         self.last_loss: float | None = None
+        self.privacy: DPSGD | LocalDP | None = None
+        if dp_sgd is not None and local_dp is not None:
+            raise ConfigError("privacy: choose one of dp-sgd and local-dp on a device")
+        if dp_sgd is not None:
+            if task.train is not None:
+                raise ConfigError(
+                    f"dp-sgd: task {task.name!r} has its own train function; DP-SGD replaces"
+                    " fedmq's default loop only (Task.training)"
+                )
+            self.privacy = DPSGD(
+                dp_sgd, num_examples=self.num_examples, batch_size=task.training.batch_size
+            )
+        elif local_dp is not None:
+            self.privacy = LocalDP(local_dp)
+
+    def can_train(self, pending: int = 0) -> bool:
+        """Whether one more update, after ``pending`` trained and not yet accounted,
+        stays within the privacy budget (always, without DP or without a budget)."""
+        if isinstance(self.privacy, DPSGD):
+            return self.privacy.fits(self.task.training.epochs * (pending + 1))
+        if isinstance(self.privacy, LocalDP):
+            return self.privacy.fits(pending + 1)
+        return True
+
+    def charge_unsent(self) -> None:
+        """Account one update released without being computed (the virtual clock drops a
+        too-stale update uncomputed; the real device would have trained and sent it)."""
+        if isinstance(self.privacy, DPSGD):
+            self.privacy.charge(self.task.training.epochs)
+        elif isinstance(self.privacy, LocalDP):
+            self.privacy.charge(1)
+
+    @property
+    def spend(self) -> PrivacySpend | None:
+        """The device's privacy spend so far (None without DP)."""
+        if self.privacy is None:
+            return None
+        return PrivacySpend(
+            mechanism=self.privacy.mechanism,
+            epsilon=self.privacy.epsilon,
+            delta=self.privacy.delta,
+        )
 
     def step(
         self, version: int, base: Mapping[str, np.ndarray], seq: int, created: float
     ) -> bytes | None:
         """The update ``seq`` trained from model ``version`` (``base``): a sealed
-        ``fedmq.update/1``, or None if the training diverged (logged)."""
+        ``fedmq.update/1``, or None if the training diverged (logged).
+
+        ``PrivacyBudgetSpent`` (nothing trained) if the update would exceed the budget."""
+        if self.privacy is not None and not self.can_train():
+            raise PrivacyBudgetSpent(
+                f"{self.privacy.mechanism}: epsilon {self.privacy.epsilon:.4g} spent of"
+                f" {self.privacy.budget}; the next update would exceed it"
+            )
         set_params(self.model, base)
-        loss = self.task.train_model(self.model, self.data, seed=self.seed * 1_000_003 + seq)
+        if isinstance(self.privacy, DPSGD):
+            loss = self.privacy.train(
+                self.model, self.data, self.task.training, seed=secrets.randbits(63)
+            )
+        else:
+            loss = self.task.train_model(self.model, self.data, seed=self.seed * 1_000_003 + seq)
         local = get_params(self.model)
         delta = {name: local[name] - base[name] for name in base}
         bad = non_finite(delta)
@@ -119,6 +194,8 @@ class Trainer:
             delta = self.attack.poison_delta(delta, seq)
         elif self.clip_norm is not None:
             delta, _ = clip(delta, self.clip_norm)
+        if isinstance(self.privacy, LocalDP):
+            delta = self.privacy.privatize(delta, np.random.default_rng())  # OS entropy
         rng = np.random.default_rng([self.seed, seq])
         if self.feedback is not None:
             tensors = self.feedback.encode(delta, rng)
@@ -132,6 +209,7 @@ class Trainer:
             loss=loss,
             created=created,
             tensors=tuple(tensors),
+            privacy=self.spend,
         )
         self.last_loss = loss
         return seal(encode_update(envelope), self.signer)

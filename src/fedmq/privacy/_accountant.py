@@ -23,20 +23,21 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-
-import dp_accounting
-from dp_accounting import rdp
+from typing import TYPE_CHECKING
 
 from fedmq.errors import ConfigError
+
+if TYPE_CHECKING:
+    import dp_accounting
+    from dp_accounting import rdp
 
 __all__ = ["Segment", "calibrate_noise", "client_epsilon", "participations"]
 
 Segment = tuple[float, int, int] | tuple[float, int, int, float]
 """``(noise_multiplier z, min_gap, server steps[, count_noise])``; count_noise 0: none."""
 
-# Zero-out adjacency (Kairouz et al., 2021): dp-accounting's REPLACE_SPECIAL. For the
-# Gaussian mechanism without sampling its RDP is that of add/remove: alpha / (2 z^2).
-_RELATION = dp_accounting.NeighboringRelation.REPLACE_SPECIAL
+# dp_accounting is imported where it is used: it takes about a second to import (scipy),
+# which every process without DP would pay at start.
 
 
 def participations(steps: int, min_gap: int) -> int:
@@ -45,12 +46,19 @@ def participations(steps: int, min_gap: int) -> int:
 
 
 def _accountant() -> rdp.RdpAccountant:
-    return rdp.RdpAccountant(neighboring_relation=_RELATION)
+    import dp_accounting
+    from dp_accounting import rdp
+
+    # Zero-out adjacency (Kairouz et al., 2021): dp-accounting's REPLACE_SPECIAL. For the
+    # Gaussian mechanism without sampling its RDP is that of add/remove: alpha / (2 z^2).
+    return rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_SPECIAL)
 
 
 def step_event(z: float, count_noise: float = 0.0) -> dp_accounting.DpEvent:
     """One server step as a device in it sees it: the noised sum, and with adaptive
     clipping the noised count too."""
+    import dp_accounting
+
     event = dp_accounting.GaussianDpEvent(z)
     if not count_noise:
         return event
@@ -63,6 +71,8 @@ def _count_noise(segment: Segment) -> float:
 
 def client_event(segments: Sequence[Segment]) -> dp_accounting.DpEvent:
     """The DpEvent one device's worst case amounts to over ``segments``."""
+    import dp_accounting
+
     return dp_accounting.ComposedDpEvent(
         [
             dp_accounting.SelfComposedDpEvent(
@@ -100,6 +110,8 @@ def calibrate_noise(
     """The smallest noise multiplier ``z`` whose ``steps`` server steps (at ``min_gap``)
     spend at most ``target_epsilon`` at ``delta`` (``dp_accounting.calibrate_dp_mechanism``,
     then nudged up until the accountant agrees, so the plan is never over budget)."""
+    import dp_accounting
+
     count = participations(steps, min_gap)
     if count_noise:
         floor = _epsilon(((1e6, 1, count, count_noise),), delta)  # the count's share alone

@@ -199,6 +199,8 @@ def _snapshot(stats: Any, keyframes: int, deltas: int) -> dict[str, Any]:
         "eval_rejected": dict(stats.eval_rejected),
         "model_collapses": stats.health.collapses,
         "model_collapsing": stats.health.collapsing,
+        # The devices' own reported privacy spend (DP-SGD / local DP): max, median, devices.
+        "device_epsilon": stats.device_epsilon(),
     }
 
 

@@ -487,6 +487,7 @@ def _report(
         "aggregator_bytes_published": final.get("bytes_out"),
         "keyframes": final.get("keyframes"),
         "deltas": final.get("deltas"),
+        "device_epsilon": final.get("device_epsilon") or None,
         "device_view": {
             "keyframes_applied": sum(v.keyframes for v in views),
             "deltas_applied": sum(v.deltas for v in views),
@@ -571,7 +572,13 @@ def settings_of(config: BenchConfig, task: Task) -> dict[str, Any]:
         "optimizer": training.optimizer,
         "partition": config.partition,
         "device_eval_every": config.participant.eval_every,
+        "dp_sgd": _asdict(config.participant.dp_sgd),
+        "local_dp": _asdict(config.participant.local_dp),
     }
+
+
+def _asdict(config: Any) -> dict[str, Any] | None:
+    return None if config is None else dataclasses.asdict(config)
 
 
 def _evaluation_text(

@@ -260,6 +260,14 @@ def _report(
         ("uplink bytes", f"{stats.bytes_in:,}"),
         ("downlink bytes (all devices)", f"{sum(d.stats.bytes_down for d in devices):,}"),
     ]
+    spent = stats.device_epsilon()
+    if spent:  # devices running DP-SGD or local DP report their own epsilon
+        summary.append(
+            (
+                "device epsilon max / median",
+                f"{spent['max']:.3f} / {spent['median']:.3f} ({int(spent['devices'])} devices)",
+            )
+        )
     federated = stats.latest("federated")
     if federated is not None and source == "central":
         fleet_value = federated.metrics.get(name)
@@ -289,6 +297,10 @@ def _report(
         "clipped": stats.clipped,
         "dp": stats.privacy,
         "model_collapses": stats.health.collapses,
+        "device_epsilon": stats.device_epsilon() or None,
+        "device_privacy": {
+            pid: dataclasses.asdict(s) for pid, s in sorted(stats.device_privacy.items())
+        },
         "devices": {d.config.participant_id: dataclasses.asdict(d.stats) for d in devices},
         "config": {
             "task": config.task.name,

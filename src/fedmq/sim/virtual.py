@@ -102,6 +102,8 @@ class _Device:
     seq: int = 0
     outbox: list[tuple[int, int]] = field(default_factory=list)  # (seq, base_version)
     trainer: Trainer | None = None  # made at its first training; keeps its residual
+    unaccounted: int = 0  # trainings scheduled whose privacy cost is not yet recorded
+    budget_spent: bool = False
 
 
 class _Sim:
@@ -179,6 +181,8 @@ class _Sim:
         self.rounds = 0
         self.down_at_eval: list[int] = []  # fleet downlink bytes at each evaluation
         self._update_size_cache: dict[tuple[int, int, int, int], int] = {}
+        participant = bench.participant
+        self.private = participant.dp_sgd is not None or participant.local_dp is not None
 
     # -- scheduling -------------------------------------------------------------------
     def at(self, t: float, kind: int, device: int = -1, arg: int = 0) -> None:
@@ -208,6 +212,11 @@ class _Sim:
     def _want_slot(self, d: _Device) -> None:
         if d.busy or d.waiting or d.num_examples == 0:  # a device with no data never trains
             return
+        # A device with DP trains only while the next update fits its budget; trainings
+        # here are computed at delivery, so the ones scheduled and not yet computed count.
+        if self.private and (d.budget_spent or not self._trainer(d).can_train(d.unaccounted)):
+            d.budget_spent = True
+            return
         d.waiting = True
         self.queue.append(d.index)
         self._fill_slots()
@@ -220,6 +229,7 @@ class _Sim:
             self.slots_free -= 1
             base = self.version if d.online else d.held
             d.held = base
+            d.unaccounted += 1
             duration = d.num_examples * self.config.train_s_per_example
             self.at(self.now + duration, _TRAINED, d.index, base)
 
@@ -268,6 +278,9 @@ class _Sim:
         if staleness > limit or base not in self.history:
             self.stats.bytes_in += self._update_size(d, seq, base)
             self.stats.rejected["too_stale"] += 1
+            if self.private:  # the device trained and sent it all the same
+                self._trainer(d).charge_unsent()
+            d.unaccounted -= 1
             return
         if self.privacy is not None:
             # Refused by client-level DP's participation rules whatever it holds: not
@@ -277,8 +290,12 @@ class _Sim:
             except Rejection as rejection:
                 self.stats.bytes_in += self._update_size(d, seq, base)
                 self.stats.rejected[rejection.reason.value] += 1
+                if self.private:  # the device trained and sent it all the same
+                    self._trainer(d).charge_unsent()
+                d.unaccounted -= 1
                 return
         body = self._compute_update(d, seq, base)
+        d.unaccounted -= 1
         if body is None:
             # A real device skips it when training ends (update_skipped): nothing was sent.
             # Trained here at delivery, so what was counted as sent is taken back.
@@ -319,6 +336,7 @@ class _Sim:
             return
         self.state = state
         self.last_seq[d.pid] = update.seq
+        self.stats.record_privacy(d.pid, update.privacy)
         self.bounds.accepted(norm)
         self.stats.clipped = self.bounds.clipped
         if self.privacy is not None:
@@ -343,6 +361,9 @@ class _Sim:
     def _compute_update(self, d: _Device, seq: int, base: int) -> bytes | None:
         """The device's update ``seq`` from model ``base``, by the participant's own
         train-and-encode core; None if its training diverged."""
+        return self._trainer(d).step(base, self.history[base], seq, self.now)
+
+    def _trainer(self, d: _Device) -> Trainer:
         if d.trainer is None:
             participant = self.config.bench.participant
             d.trainer = Trainer(
@@ -356,8 +377,10 @@ class _Sim:
                 attack=Attack(self.config.bench.attack, d.index)
                 if d.index in self.malicious
                 else None,
+                dp_sgd=participant.dp_sgd,
+                local_dp=participant.local_dp,
             )
-        return d.trainer.step(base, self.history[base], seq, self.now)
+        return d.trainer
 
     def _update_size(self, d: _Device, seq: int, base: int) -> int:
         """The exact size the update would have had (every codec has a fixed size)."""
@@ -578,6 +601,7 @@ def _report(
             "outlier": rejected.get("outlier", 0),
             "norm_bound": rejected.get("norm_bound", 0),
         },
+        "device_privacy": _device_privacy(sim),
         "aggregator_cost": {
             "measured": "not measured (virtual clock: one process does everything)",
             "cpu_s": None,
@@ -619,6 +643,28 @@ def _report(
             "downlink": dataclasses.asdict(bench.aggregator.downlink),
             "prefetch": "-",
         },
+    }
+
+
+def _device_privacy(sim: _Sim) -> dict[str, Any] | None:
+    """The fleet's privacy spend as the aggregator saw it (each device's latest report),
+    and what the devices' own accountants hold (None without DP on the devices)."""
+    if not sim.private:
+        return None
+    reported = sim.stats.device_epsilon()
+    trainers = [d.trainer for d in sim.devices if d.trainer is not None]
+    held = sorted(t.privacy.epsilon for t in trainers if t.privacy is not None)
+    return {
+        "mechanism": next((t.privacy.mechanism for t in trainers if t.privacy), None),
+        "noise_multipliers": sorted(
+            {round(t.privacy.noise_multiplier, 4) for t in trainers if t.privacy}
+        ),
+        "reported_epsilon_max": reported.get("max"),
+        "reported_epsilon_median": reported.get("median"),
+        "reporting_devices": int(reported.get("devices", 0)),
+        "device_epsilon_max": held[-1] if held else None,
+        "device_epsilon_median": float(np.median(held)) if held else None,
+        "budget_spent_devices": sum(d.budget_spent for d in sim.devices),
     }
 
 

@@ -30,9 +30,11 @@ from fedmq.wire._delta import (
 )
 from fedmq.wire._encode import encode_model, encode_update
 from fedmq.wire._envelope import (
+    PRIVACY_MECHANISMS,
     SCHEMA_MODEL,
     SCHEMA_UPDATE,
     ModelEnvelope,
+    PrivacySpend,
     TensorSpec,
     UpdateEnvelope,
     WireLimits,
@@ -92,6 +94,7 @@ __all__ = [
     "METRIC_NAME_RULE",
     "PARTICIPANT_ID_PATTERN",
     "PARTICIPANT_ID_RULE",
+    "PRIVACY_MECHANISMS",
     "SCHEMA_CONTROL",
     "SCHEMA_EVAL",
     "SCHEMA_MODEL",
@@ -105,6 +108,7 @@ __all__ = [
     "KeyRing",
     "ModelDeltaEnvelope",
     "ModelEnvelope",
+    "PrivacySpend",
     "PrivateKey",
     "SignedEnvelope",
     "Signer",

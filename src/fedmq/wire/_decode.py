@@ -24,9 +24,11 @@ from fedmq.codecs import (
 )
 from fedmq.errors import Reason, WireError
 from fedmq.wire._envelope import (
+    PRIVACY_MECHANISMS,
     SCHEMA_MODEL,
     SCHEMA_UPDATE,
     ModelEnvelope,
+    PrivacySpend,
     TensorSpec,
     UpdateEnvelope,
     WireLimits,
@@ -45,6 +47,8 @@ _UPDATE_FIELDS = (
     "created",
     "tensors",
 )
+_UPDATE_OPTIONAL = ("privacy",)
+_PRIVACY_FIELDS = ("mechanism", "epsilon", "delta")
 _MODEL_FIELDS = ("schema", "version", "created", "tensors")
 _TENSOR_FIELDS = ("name", "dtype", "shape", "codec", "params", "data")
 _MAX_NDIM = 32  # as fedmq.codecs, which checks it again
@@ -106,13 +110,16 @@ def _map(obj: object, where: str) -> dict[str, Any]:
     return obj
 
 
-def _fields(obj: object, expected: Sequence[str], where: str) -> dict[str, Any]:
-    """``obj`` as a map whose keys are exactly ``expected`` (in any order)."""
+def _fields(
+    obj: object, expected: Sequence[str], where: str, optional: Sequence[str] = ()
+) -> dict[str, Any]:
+    """``obj`` as a map whose keys are exactly ``expected`` (in any order), plus any of
+    ``optional``."""
     obj = _map(obj, where)
     missing = [key for key in expected if key not in obj]
     if missing:
         _fail(Reason.MISSING_FIELD, f"{where}: missing {', '.join(missing)}")
-    extra = [key for key in obj if key not in expected]
+    extra = [key for key in obj if key not in expected and key not in optional]
     if extra:
         _fail(Reason.EXTRA_FIELD, f"{where}: unexpected {_short(extra)}")
     return obj
@@ -217,8 +224,26 @@ def _tensors(obj: object, spec: TensorSpec | None, limits: WireLimits) -> tuple[
     return tuple(tensors)
 
 
+def _privacy(obj: object) -> PrivacySpend:
+    fields = _fields(obj, _PRIVACY_FIELDS, "privacy")
+    mechanism = _str(fields["mechanism"], "privacy.mechanism", _MIN_STR_LEN)
+    if mechanism not in PRIVACY_MECHANISMS:
+        _fail(Reason.WRONG_TYPE, f"privacy.mechanism: {_short(mechanism)} is not dp-sgd or local")
+    epsilon = _float(fields["epsilon"], "privacy.epsilon")
+    if epsilon < 0:
+        _fail(Reason.WRONG_TYPE, f"privacy.epsilon: {epsilon} is negative")
+    delta = _float(fields["delta"], "privacy.delta")
+    if not 0 < delta < 1:
+        _fail(Reason.WRONG_TYPE, f"privacy.delta: {delta} is not in (0, 1)")
+    return PrivacySpend(mechanism=mechanism, epsilon=epsilon, delta=delta)
+
+
 def _envelope(
-    data: bytes, schema: str, expected: Sequence[str], limits: WireLimits
+    data: bytes,
+    schema: str,
+    expected: Sequence[str],
+    limits: WireLimits,
+    optional: Sequence[str] = (),
 ) -> dict[str, Any]:
     obj = _map(_unpack(data, limits), "envelope")
     if "schema" not in obj:
@@ -228,7 +253,7 @@ def _envelope(
         _fail(Reason.WRONG_TYPE, f"schema: expected a str, got {type(got).__name__}")
     if got != schema:
         _fail(Reason.UNKNOWN_SCHEMA, f"schema {_short(got)}, expected {schema!r}")
-    return _fields(obj, expected, "envelope")
+    return _fields(obj, expected, "envelope", optional)
 
 
 def decode_update(
@@ -239,7 +264,7 @@ def decode_update(
     Raises ``WireError`` and nothing else, for any bytes. Payload contents (NaN,
     index order, scales) are checked when ``materialize`` decodes them.
     """
-    fields = _envelope(data, SCHEMA_UPDATE, _UPDATE_FIELDS, limits)
+    fields = _envelope(data, SCHEMA_UPDATE, _UPDATE_FIELDS, limits, _UPDATE_OPTIONAL)
     return UpdateEnvelope(
         participant=_participant(fields["participant"], limits),
         seq=_uint(fields["seq"], "seq"),
@@ -248,6 +273,7 @@ def decode_update(
         loss=_float(fields["loss"], "loss"),
         created=_float(fields["created"], "created"),
         tensors=_tensors(fields["tensors"], spec, limits),
+        privacy=_privacy(fields["privacy"]) if "privacy" in fields else None,
     )
 
 

@@ -10,7 +10,13 @@ import msgpack
 
 from fedmq.codecs import EncodedTensor, expected_payload_bytes
 from fedmq.errors import WireError
-from fedmq.wire._envelope import SCHEMA_MODEL, SCHEMA_UPDATE, ModelEnvelope, UpdateEnvelope
+from fedmq.wire._envelope import (
+    SCHEMA_MODEL,
+    SCHEMA_UPDATE,
+    ModelEnvelope,
+    PrivacySpend,
+    UpdateEnvelope,
+)
 from fedmq.wire._ids import check_participant_id
 
 __all__ = ["encode_model", "encode_update"]
@@ -73,18 +79,29 @@ def encode_update(env: UpdateEnvelope) -> bytes:
     Raises ``ValueError`` for an envelope no receiver would accept (negative ints,
     NaN loss, payload sizes that disagree with the codec params...).
     """
-    return _pack(
-        {
-            "schema": SCHEMA_UPDATE,
-            "participant": check_participant_id(env.participant, "participant"),
-            "seq": _uint("seq", env.seq),
-            "base_version": _uint("base_version", env.base_version),
-            "num_examples": _uint("num_examples", env.num_examples),
-            "loss": _float("loss", env.loss),
-            "created": _float("created", env.created),
-            "tensors": _tensors(env.tensors),
-        }
-    )
+    envelope: dict[str, object] = {
+        "schema": SCHEMA_UPDATE,
+        "participant": check_participant_id(env.participant, "participant"),
+        "seq": _uint("seq", env.seq),
+        "base_version": _uint("base_version", env.base_version),
+        "num_examples": _uint("num_examples", env.num_examples),
+        "loss": _float("loss", env.loss),
+        "created": _float("created", env.created),
+        "tensors": _tensors(env.tensors),
+    }
+    if env.privacy is not None:  # optional: absent (not nil) when the device runs no DP
+        envelope["privacy"] = _privacy(env.privacy)
+    return _pack(envelope)
+
+
+def _privacy(spend: PrivacySpend) -> dict[str, object]:
+    if not isinstance(spend, PrivacySpend):
+        raise ValueError(f"privacy: {spend!r} is not a PrivacySpend")
+    return {
+        "mechanism": spend.mechanism,
+        "epsilon": _float("privacy.epsilon", spend.epsilon),
+        "delta": _float("privacy.delta", spend.delta),
+    }
 
 
 def encode_model(env: ModelEnvelope) -> bytes:

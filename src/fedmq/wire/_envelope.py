@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -13,9 +14,11 @@ from fedmq.codecs import EncodedTensor
 from fedmq.errors import ConfigError
 
 __all__ = [
+    "PRIVACY_MECHANISMS",
     "SCHEMA_MODEL",
     "SCHEMA_UPDATE",
     "ModelEnvelope",
+    "PrivacySpend",
     "TensorSpec",
     "UpdateEnvelope",
     "WireLimits",
@@ -31,12 +34,40 @@ TensorSpec = Mapping[str, tuple[tuple[int, ...], str]]
 """The model's tensors: name -> (shape, dtype). Updates must match it exactly."""
 
 
+PRIVACY_MECHANISMS = ("dp-sgd", "local")
+"""The device-side mechanisms whose spend an update may report (docs/privacy.md)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacySpend:
+    """What the device's own accountant says it has spent, counting this update.
+
+    ``mechanism``: ``"dp-sgd"`` (example-level, Opacus on the device) or ``"local"``
+    (user-level, the device's own Gaussian noise); ``epsilon`` >= 0 at ``delta`` in (0, 1).
+    The device's word: an aggregator shows it, it cannot check it.
+    """
+
+    mechanism: str
+    epsilon: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        if self.mechanism not in PRIVACY_MECHANISMS:
+            raise ValueError(f"privacy.mechanism: {self.mechanism!r} is not one of dp-sgd, local")
+        if not (math.isfinite(self.epsilon) and self.epsilon >= 0):
+            raise ValueError(f"privacy.epsilon: {self.epsilon!r} must be a finite number >= 0")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"privacy.delta: {self.delta!r} must be in (0, 1)")
+
+
 @dataclass(frozen=True, kw_only=True)
 class UpdateEnvelope:
     """A participant's model update (schema ``fedmq.update/1``).
 
     ``seq`` only grows per participant (it identifies duplicates); ``base_version`` is the
     global model version the update was computed from; ``created`` is unix seconds.
+    ``privacy`` (optional, wire key 9): the device's privacy spend, sent only by a device
+    that runs DP-SGD or local DP.
     """
 
     participant: str
@@ -46,6 +77,7 @@ class UpdateEnvelope:
     loss: float
     created: float
     tensors: tuple[EncodedTensor, ...]
+    privacy: PrivacySpend | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

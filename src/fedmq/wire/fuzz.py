@@ -24,7 +24,13 @@ from fedmq.codecs import CodecConfig, EncodedTensor, encode_params
 from fedmq.errors import WireError
 from fedmq.wire._decode import decode_model, decode_update, materialize
 from fedmq.wire._encode import encode_model, encode_update
-from fedmq.wire._envelope import ModelEnvelope, TensorSpec, UpdateEnvelope, WireLimits
+from fedmq.wire._envelope import (
+    ModelEnvelope,
+    PrivacySpend,
+    TensorSpec,
+    UpdateEnvelope,
+    WireLimits,
+)
 
 __all__ = ["LIMITS", "SPEC", "check", "main", "mutate", "random_value", "seed_messages"]
 
@@ -81,6 +87,8 @@ def seed_messages() -> list[bytes]:
             loss=0.25,
             created=1.7e9,
             tensors=tensors,
+            # Every other one reports a privacy spend (the optional key, wire-format 3.1).
+            privacy=PrivacySpend(mechanism="dp-sgd", epsilon=1.5, delta=1e-5) if i % 2 else None,
         )
         messages.append(encode_update(update))
         messages.append(encode_model(ModelEnvelope(version=i, created=1.7e9, tensors=tensors)))
