@@ -12,6 +12,7 @@ import pytest
 
 from fedmq.aggregator import AggregatorConfig, DownlinkConfig
 from fedmq.codecs import CodecConfig
+from fedmq.errors import ConfigError
 from fedmq.models import Training
 from fedmq.participant import ParticipantConfig
 from fedmq.sim._fleet import FleetProtocol
@@ -111,6 +112,20 @@ def test_virtual_runs_are_deterministic(data_dir: Path) -> None:
     first, second = run_virtual(config, data_dir), run_virtual(config, data_dir)
     assert first["evaluations"] == second["evaluations"]
     assert first["staleness_histogram"] == second["staleness_histogram"]
+
+
+def test_virtual_run_stops_at_max_versions_and_reports_update_norms(data_dir: Path) -> None:
+    config = _config("fedasync", CodecConfig(name="float32"), target=None)
+    protocol = dataclasses.replace(config.bench.protocol, max_versions=7, max_seconds=60.0)
+    config = dataclasses.replace(config, bench=dataclasses.replace(config.bench, protocol=protocol))
+    run = run_virtual(config, data_dir)
+    assert run["version"] == 7 and run["wall_time_s"] < 60.0  # stopped by the version, not time
+    assert run["evaluations"][-1]["version"] == 7  # the final model is scored
+    norms = run["update_norms"]
+    assert norms["count"] == run["received"] - run["dropped"]["too_stale"]  # every decoded one
+    assert 0 < norms["p10"] <= norms["median"] <= norms["p90"] <= norms["max"]
+    with pytest.raises(ConfigError, match=r"^max_versions: -1 must be >= 0"):
+        FleetProtocol(max_versions=-1)
 
 
 def _diverging_task() -> Task:

@@ -362,7 +362,7 @@ async def _watch(
                 )
             value = stats.latest_target
             reached = value is not None and target.reached(value, goal)
-            if reached or elapsed >= proto.max_seconds:
+            if reached or elapsed >= proto.max_seconds or proto.versions_done(stats.version):
                 return
 
 

@@ -157,6 +157,7 @@ class _Sim:
         self.rounds = 0
         self.down_at_eval: list[int] = []  # fleet downlink bytes at each evaluation
         self._update_size_cache: dict[tuple[int, int, int, int], int] = {}
+        self.norms: list[float] = []  # L2 norm of every decoded update, as received
 
     # -- scheduling -------------------------------------------------------------------
     def at(self, t: float, kind: int, device: int = -1, arg: int = 0) -> None:
@@ -263,6 +264,7 @@ class _Sim:
             update, delta, norm = decode(
                 body, spec=self.spec, limits=aggregator.limits, verifier=None
             )
+            self.norms.append(norm)
             contribution = admit(
                 update,
                 delta,
@@ -416,6 +418,8 @@ class _Sim:
         if t > self.proto.max_seconds:
             return False
         self.now = t
+        if self.proto.versions_done(self.version):
+            return False
         if kind == _EVAL:
             self._evaluate()
             value = self.stats.latest_target
@@ -435,6 +439,15 @@ class _Sim:
 def _encode_full(version: int, params: Any) -> bytes:
     tensors = tuple(encode_params(params, CodecConfig(name="float32")))
     return encode_model(ModelEnvelope(version=version, created=time.time(), tensors=tensors))
+
+
+def _quantiles(values: list[float]) -> dict[str, float | int]:
+    """Count and quantiles of the updates' L2 norms (what a clip bound is chosen from)."""
+    if not values:
+        return {"count": 0}
+    q = np.quantile(np.asarray(values), [0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    names = ("p10", "p25", "median", "p75", "p90", "max")
+    return {"count": len(values), **{n: float(v) for n, v in zip(names, q, strict=True)}}
 
 
 def _uint_len(value: int) -> int:
@@ -512,6 +525,7 @@ def _report(
             "by_reason": dict(rejected),
         },
         "staleness_histogram": {str(k): v for k, v in sorted(sim.stats.staleness.items())},
+        "update_norms": _quantiles(sim.norms),
         "uplink_bytes": sim.stats.bytes_in,
         "downlink_bytes": sim.bytes_down,
         "downlink_messages": sim.messages_down,
@@ -613,5 +627,11 @@ async def run_virtual_command(base: BenchConfig, data_dir: Path, out: Path) -> i
         f" {scale['updates_published_per_wall_s']:,.1f} updates published/s,"
         f" {scale['updates_applied_per_wall_s']:,.1f} applied/s"
     )
+    norms = run["update_norms"]
+    if norms["count"]:
+        console.print(
+            f"update L2 norms of {norms['count']:,} received: p10 {norms['p10']:.4g},"
+            f" median {norms['median']:.4g}, p90 {norms['p90']:.4g}, max {norms['max']:.4g}"
+        )
     console.print(f"results: {out / 'report.md'}")
     return 0
