@@ -32,6 +32,7 @@ from fedmq.aggregator import AggregatorConfig, BoundsConfig, ControlConfig, FedE
 from fedmq.codecs import CodecConfig
 from fedmq.errors import ConfigError, FedmqError
 from fedmq.participant import ParticipantConfig
+from fedmq.privacy import ClientDPConfig
 from fedmq.strategies import (
     FedAsyncConfig,
     FedAvgConfig,
@@ -132,6 +133,46 @@ _DURABILITY = [
         "reject updates above this times the median norm of recent ones (0: off)",
     ),
     Option("max_num_examples", int, 1_000_000, "reject updates claiming more examples"),
+]
+_CLIP = Option(
+    "clip_norm",
+    float,
+    None,
+    "clip every update to this L2 norm (devices: before the codec; aggregator: see"
+    " --clip-mode; required with client-level DP)",
+)
+_PRIVACY = [
+    _CLIP,
+    Option(
+        "clip_mode",
+        str,
+        "clip",
+        "aggregator: an update above --clip-norm is scaled to it, or refused (clip_bound)",
+        ("clip", "reject"),
+    ),
+    Option(
+        "dp_epsilon",
+        float,
+        None,
+        "client-level DP (FedBuff): the epsilon budget; stops before the step that exceeds it",
+    ),
+    Option("dp_delta", float, 1e-5, "client-level DP: delta"),
+    Option(
+        "dp_noise_multiplier",
+        float,
+        None,
+        "client-level DP: noise std z on the sum, in units of --clip-norm"
+        " (default: calibrated from --dp-epsilon and --dp-planned-steps)",
+    ),
+    Option(
+        "dp_min_gap", int, 1, "client-level DP: server steps at least between a device's updates"
+    ),
+    Option(
+        "dp_planned_steps",
+        int,
+        None,
+        "client-level DP: server steps the budget is planned for (calibrates the noise)",
+    ),
 ]
 _TRAINING = [
     Option("epochs", int, None, "local epochs per update (default: the task's)"),
@@ -304,15 +345,16 @@ _ACTIONS: dict[str, dict[str, _Action]] = {
 }
 
 COMMANDS: dict[str, list[Option]] = {
-    "aggregator": [_BROKER, *_COMMON, *_STRATEGY, *_DURABILITY, *_AGGREGATOR_OPS],
-    "participant": [*_PARTICIPANT, *_COMMON, *_TRAINING, *_PARTICIPANT_OPS],
-    "demo": [*_DEMO, *_COMMON, *_STRATEGY, *_TRAINING],
+    "aggregator": [_BROKER, *_COMMON, *_STRATEGY, *_DURABILITY, *_PRIVACY, *_AGGREGATOR_OPS],
+    "participant": [*_PARTICIPANT, *_COMMON, *_TRAINING, _CLIP, *_PARTICIPANT_OPS],
+    "demo": [*_DEMO, *_COMMON, *_STRATEGY, *_TRAINING, *_PRIVACY],
     "bench": [
         *_BENCH,
         *_COMMON,
         # Every version is evaluated (latest wins): a sync round is one version.
         *(o if o.name != "eval_every" else dataclasses.replace(o, default=1) for o in _STRATEGY),
         *_TRAINING,
+        *_PRIVACY,
     ],
     "ctl": _CTL,
     "keys": _KEYS,
@@ -376,7 +418,10 @@ def aggregator_config(v: Values) -> AggregatorConfig:
             max_update_norm=v.get("max_update_norm", 1e4),
             norm_factor=v.get("update_norm_factor", 10.0),
             max_num_examples=v.get("max_num_examples", 1_000_000),
+            clip_norm=v.get("clip_norm"),
+            clip_mode=v.get("clip_mode", "clip"),
         ),
+        privacy=privacy_config(v),
         seed=v.get("seed", 0),
         strategy=strategy_config(v),
         publish_every=v["publish_every"],
@@ -387,6 +432,26 @@ def aggregator_config(v: Values) -> AggregatorConfig:
         update_verifier=_verifier(v.get("keys_dir"), v["job"]),
         model_signer=_signer(v.get("signing_key"), v["job"]),
         control=control_config(v),
+    )
+
+
+def privacy_config(v: Values) -> ClientDPConfig | None:
+    """Client-level DP (central model), on when ``dp_epsilon`` or ``dp_noise_multiplier``
+    is given; it needs ``clip_norm`` (the sensitivity)."""
+    epsilon, z = v.get("dp_epsilon"), v.get("dp_noise_multiplier")
+    if epsilon is None and z is None:
+        return None
+    if v.get("clip_norm") is None:
+        raise ConfigError(
+            "clip_norm: required with client-level DP (--dp-epsilon / --dp-noise-multiplier)"
+        )
+    return ClientDPConfig(
+        clip_norm=v["clip_norm"],
+        noise_multiplier=z,
+        target_epsilon=epsilon,
+        delta=v.get("dp_delta", 1e-5),
+        min_gap=v.get("dp_min_gap", 1),
+        planned_steps=v.get("dp_planned_steps"),
     )
 
 
@@ -457,6 +522,7 @@ def participant_config(v: Values, participant_id: str, state_dir: Path) -> Parti
         limits=WireLimits(max_message_bytes=v["max_message_bytes"]),
         update_signer=_signer(v.get("signing_key"), v["job"]),
         model_verifier=_verifier(v.get("aggregator_key"), v["job"]),
+        clip_norm=v.get("clip_norm"),
     )
 
 

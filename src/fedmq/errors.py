@@ -58,6 +58,8 @@ class Reason(enum.StrEnum):
     UNKNOWN_PARTICIPANT = "unknown_participant"
     PARTICIPANT_MISMATCH = "participant_mismatch"  # envelope id is not the sender / key owner
     NORM_BOUND = "norm_bound"  # L2 norm above the absolute cap or the recent-median bound
+    CLIP_BOUND = "clip_bound"  # L2 norm above the clip norm, with clip_mode "reject"
+    PARTICIPATION = "participation"  # client-level DP: twice in one server step, or within min_gap
     EXAMPLES_BOUND = "examples_bound"  # num_examples above max_num_examples
     NON_FINITE_MODEL = "non_finite_model"  # applying it would make the model NaN or Inf
     BAD_SIGNATURE = "bad_signature"  # does not verify (tampered, wrong key, malformed sig)

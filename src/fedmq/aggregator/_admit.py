@@ -19,6 +19,7 @@ import numpy as np
 from fedmq.aggregator._bounds import UpdateBounds
 from fedmq.codecs import SparseTensor
 from fedmq.errors import Reason, RejectedUpdate
+from fedmq.privacy import ClientPrivacy
 from fedmq.strategies import Contribution, Delta, Strategy
 from fedmq.wire import (
     TensorSpec,
@@ -66,9 +67,15 @@ def admit(
     strategy: Strategy,
     bounds: UpdateBounds,
     history: Mapping[int, Params],
+    privacy: ClientPrivacy | None = None,
 ) -> Contribution:
     """Policy checks on a well-formed update of L2 norm ``norm`` sent by ``hint`` (as the
-    broker says), against the aggregator at ``version``; raises RejectedUpdate."""
+    broker says), against the aggregator at ``version``; raises RejectedUpdate.
+
+    ``privacy``: client-level DP's participation rules (one update per device per server
+    step, ``min_gap``); the caller tells it ``applied`` once the strategy took the update.
+    The contribution's delta is clipped to ``bounds``' clip norm when one is set (last,
+    so ``clipped`` counts only updates that passed every other check)."""
     pid = update.participant
     if allowed is not None and pid not in allowed:
         raise RejectedUpdate(Reason.UNKNOWN_PARTICIPANT, f"{pid!r} is not on the allow-list")
@@ -85,6 +92,8 @@ def admit(
     if staleness > strategy.max_staleness:
         raise RejectedUpdate(Reason.TOO_STALE, f"staleness {staleness} > {strategy.max_staleness}")
     bounds.check(norm, update.num_examples)
+    if privacy is not None:
+        privacy.check(pid)
     base = None
     if strategy.needs_base:
         base = history.get(update.base_version)
@@ -92,6 +101,7 @@ def admit(
             raise RejectedUpdate(
                 Reason.TOO_STALE, f"base version {update.base_version} is no longer held"
             )
+    delta = bounds.clip(delta, norm)
     return Contribution(
         delta=delta, staleness=staleness, num_examples=update.num_examples, base=base
     )

@@ -14,6 +14,12 @@ is bounded, by default, twice over:
 ``num_examples`` weighs an update in FedAvg and FedBuff's weighting: it is capped too
 (``max_num_examples``), or one device claiming 2^64-1 examples would take a round.
 Both refusals are counted rejections (``norm_bound``, ``examples_bound``).
+
+On top of these, an optional clip norm ``C`` (``clip_norm``, docs/privacy.md): above it
+an update is scaled down to ``C`` (``clip_mode`` "clip", counted in ``clipped``) or
+refused (``clip_mode`` "reject": ``clip_bound``). The cap and the relative bound still
+refuse first: an update a thousand times the median is not a device to learn from,
+clipped or not.
 """
 
 from __future__ import annotations
@@ -23,10 +29,17 @@ import statistics
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from fedmq.errors import ConfigError, Reason, RejectedUpdate
+from fedmq.privacy import clip
+from fedmq.strategies import Delta
 
-__all__ = ["BoundsConfig", "UpdateBounds"]
+__all__ = ["CLIP_MODES", "BoundsConfig", "ClipMode", "UpdateBounds"]
+
+ClipMode = Literal["clip", "reject"]
+_ROUNDING = 1e-5  # relative: float32 norms of an update clipped in float64 on the device
+CLIP_MODES: tuple[ClipMode, ...] = get_args(ClipMode)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +49,8 @@ class BoundsConfig:
     ``norm_window`` / ``norm_min_samples``: how many accepted norms make the median,
     and how many are needed before the relative bound applies.
     ``max_num_examples``: the largest example count an update may claim.
+    ``clip_norm``: updates above this L2 norm are scaled to it (``clip_mode`` "clip")
+    or refused (``clip_mode`` "reject"); None: off.
     """
 
     max_update_norm: float | None = 1e4
@@ -43,6 +58,8 @@ class BoundsConfig:
     norm_window: int = 100
     norm_min_samples: int = 10
     max_num_examples: int = 1_000_000
+    clip_norm: float | None = None
+    clip_mode: ClipMode = "clip"
 
     def __post_init__(self) -> None:
         if self.max_update_norm is not None and not (
@@ -59,14 +76,23 @@ class BoundsConfig:
             )
         if self.max_num_examples < 1:
             raise ConfigError(f"max_num_examples: {self.max_num_examples} must be >= 1")
+        if self.clip_norm is not None and not (
+            self.clip_norm > 0 and math.isfinite(self.clip_norm)
+        ):
+            raise ConfigError(f"clip_norm: {self.clip_norm} must be > 0 and finite")
+        if self.clip_mode not in CLIP_MODES:
+            raise ConfigError(f"clip_mode: {self.clip_mode!r} must be {' or '.join(CLIP_MODES)}")
 
 
 class UpdateBounds:
     """The bounds in force, and the recent accepted norms the relative one needs."""
 
-    def __init__(self, config: BoundsConfig, recent: Iterable[float] = ()) -> None:
+    def __init__(
+        self, config: BoundsConfig, recent: Iterable[float] = (), *, clipped: int = 0
+    ) -> None:
         self.config = config
         self._recent: deque[float] = deque(recent, maxlen=config.norm_window)
+        self.clipped = clipped  # updates scaled down to clip_norm so far
 
     @property
     def recent(self) -> list[float]:
@@ -93,6 +119,23 @@ class UpdateBounds:
         limit = self.limit()
         if not norm <= limit:  # also refuses a NaN norm
             raise RejectedUpdate(Reason.NORM_BOUND, f"L2 norm {norm:.4g} > {limit:.4g}")
+
+    def clip(self, delta: Delta, norm: float) -> Delta:
+        """``delta`` within ``clip_norm`` (itself when it is, or clipping is off); scaled
+        down and counted in ``clipped`` ("clip"), or refused ("reject": ``clip_bound``)."""
+        bound = self.config.clip_norm
+        # A device that clipped to the same bound sends a norm within float32 rounding of
+        # it: not counted as clipped (the DP mechanism clips again, exactly, in float64).
+        if bound is None or norm <= bound * (1 + _ROUNDING):
+            return delta
+        if self.config.clip_mode == "reject":
+            raise RejectedUpdate(Reason.CLIP_BOUND, f"L2 norm {norm:.4g} > clip_norm {bound:.4g}")
+        clipped, _ = clip(delta, bound, norm=norm)
+        for tensor in clipped.values():
+            if hasattr(tensor, "flags"):
+                tensor.flags.writeable = False  # as decode leaves them: strategies keep them
+        self.clipped += 1
+        return clipped
 
     def accepted(self, norm: float) -> None:
         """Remember the norm of an update that was applied."""

@@ -10,6 +10,7 @@ from fedmq.aggregator._control import ControlConfig
 from fedmq.aggregator._downlink import DownlinkConfig
 from fedmq.aggregator._fedeval import FedEvalConfig
 from fedmq.errors import ConfigError
+from fedmq.privacy import ClientDPConfig
 from fedmq.strategies import StrategyConfig
 from fedmq.wire import Signer, Verifier, WireLimits, check_participant_id
 
@@ -40,6 +41,8 @@ class AggregatorConfig:
     applied (``fedmq.signed/1``); ``model_signer``: if set, every model is signed.
     ``control``: which operator commands (``fedmq ctl``) are applied, and how fast;
     by default none (aggregator/_control.py).
+    ``privacy``: client-level differential privacy of FedBuff's server steps (central
+    model, privacy/_central.py); None: off.
     """
 
     seed: int = 0
@@ -59,6 +62,7 @@ class AggregatorConfig:
     update_verifier: Verifier | None = None
     model_signer: Signer | None = None
     control: ControlConfig = field(default_factory=ControlConfig)
+    privacy: ClientDPConfig | None = None
 
     def __post_init__(self) -> None:
         if self.publish_every < 1:
@@ -73,5 +77,16 @@ class AggregatorConfig:
             raise ConfigError(f"checkpoint_interval: {self.checkpoint_interval_s} must be > 0")
         if not self.shutdown_timeout_s > 0:
             raise ConfigError(f"shutdown_timeout: {self.shutdown_timeout_s} must be > 0")
+        if self.privacy is not None and self.strategy.name != "fedbuff":
+            raise ConfigError(
+                f"dp: client-level DP needs --strategy fedbuff, not {self.strategy.name}:"
+                + (
+                    " FedAsync applies each update alone, so each step's noise would be as"
+                    " large as one clipped update (z*C on one contribution): no useful model"
+                    if self.strategy.name == "fedasync"
+                    else " FedAvg closes short rounds with the count that arrived, and the"
+                    " noise is calibrated to a fixed-size sum (use FedBuff's buffer)"
+                )
+            )
         for pid in sorted(self.allowed_participants or ()):  # an id no update can carry
             check_participant_id(pid, "allowed_participants")

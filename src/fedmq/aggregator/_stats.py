@@ -6,7 +6,7 @@ import time
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from fedmq.aggregator._health import CollapseWatch
 from fedmq.aggregator._histogram import Histogram
@@ -64,6 +64,10 @@ class AggregatorStats:
     controls: Counter[str] = field(default_factory=Counter)  # "applied" / "rejected"
     control_rejected: Counter[str] = field(default_factory=Counter)  # by reason
     health: CollapseWatch = field(default_factory=CollapseWatch)  # fed every evaluation
+    clipped: int = 0  # updates scaled down to the clip norm on admission
+    # Client-level DP (ClientPrivacy.report()): epsilon spent, delta, z, C, min_gap,
+    # steps; refreshed after every server step. None when DP is off.
+    privacy: dict[str, Any] | None = None
 
     @property
     def elapsed_s(self) -> float:

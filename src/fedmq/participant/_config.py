@@ -28,6 +28,8 @@ class ParticipantConfig:
     ``update_signer``: if set, every update is signed with this device's key (one it
     owns: ``<id>`` or ``<id>.<label>``); ``model_verifier``: if set, only models signed
     by one of its keys (the aggregator's) are trained on.
+    ``clip_norm``: clip every delta to this L2 norm before the codec (None: off;
+    docs/privacy.md).
     """
 
     participant_id: str
@@ -41,6 +43,7 @@ class ParticipantConfig:
     limits: WireLimits = field(default_factory=WireLimits)
     update_signer: Signer | None = None
     model_verifier: Verifier | None = None
+    clip_norm: float | None = None
 
     def __post_init__(self) -> None:
         pid = check_participant_id(self.participant_id, "id")
@@ -49,5 +52,7 @@ class ParticipantConfig:
             raise ConfigError(f"signing_key: key {signer.key_id!r} does not belong to {pid!r}")
         if self.eval_every < 0:
             raise ConfigError(f"eval_every: {self.eval_every} must be >= 0 (0: never)")
+        if self.clip_norm is not None and not (0 < self.clip_norm < float("inf")):
+            raise ConfigError(f"clip_norm: {self.clip_norm} must be > 0 and finite")
         if self.publish_delay_s < 0:
             raise ConfigError(f"publish_delay: {self.publish_delay_s} must be >= 0")

@@ -105,6 +105,7 @@ class Participant:
             codec=config.codec,
             error_feedback=config.error_feedback,
             signer=config.update_signer,
+            clip_norm=config.clip_norm,
         )
         self._spec = tensor_spec_of(get_params(self._trainer.model))
         self._outbox = Outbox(config.state_dir / "outbox")

@@ -2,7 +2,12 @@
 
 ``fedmq participant``, the demo and bench fleets (through ``Participant``) and the
 virtual clock all call ``Trainer.step``: one train-and-encode path, so a simulation
-trains, clips to the codec and carries error feedback exactly as a device does.
+trains, clips, encodes and carries error feedback exactly as a device does.
+
+Clipping (``clip_norm``) comes before the codec, and the error-feedback residual
+keeps only the codec's error, never what clipping removed (the DP-FedAvg rule,
+docs/privacy.md): carried over, the clipped-off mass would make each update depend
+on earlier rounds' data beyond the bound.
 
 A training that diverged (a NaN or infinite loss or delta) gives no update: it is
 logged as ``update_skipped reason=non_finite`` and ``step`` returns None, before the
@@ -21,6 +26,7 @@ from torch.utils.data import Dataset
 from fedmq._log import log_event
 from fedmq.codecs import CodecConfig, ErrorFeedback, encode_params
 from fedmq.models import get_params, non_finite, set_params
+from fedmq.privacy import clip
 from fedmq.tasks import Task
 from fedmq.wire import Signer, UpdateEnvelope, encode_update, seal
 
@@ -36,8 +42,9 @@ class Trainer:
 
     ``error_feedback``: keep what a lossy codec drops and send it later (codecs/_feedback);
     a lossless codec (float32) drops nothing, so it has no residual to keep.
-    ``signer``: seal every update with this device's key. Not thread-safe: one step at
-    a time (a device trains once at a time).
+    ``signer``: seal every update with this device's key. ``clip_norm``: clip every delta
+    to this L2 norm before the codec (None: off). Not thread-safe: one step at a time
+    (a device trains once at a time).
     """
 
     def __init__(
@@ -50,6 +57,7 @@ class Trainer:
         codec: CodecConfig,
         error_feedback: bool = True,
         signer: Signer | None = None,
+        clip_norm: float | None = None,
     ) -> None:
         self.participant_id = participant_id
         self.task = task
@@ -58,6 +66,7 @@ class Trainer:
         self.seed = seed
         self.codec = codec
         self.signer = signer
+        self.clip_norm = clip_norm
         lossy = codec.name != "float32"
         self.feedback = ErrorFeedback(codec) if error_feedback and lossy else None
         self.model = task.build_model(seed)
@@ -85,6 +94,8 @@ class Trainer:
                 tensors=bad[:5],
             )
             return None
+        if self.clip_norm is not None:
+            delta, _ = clip(delta, self.clip_norm)
         rng = np.random.default_rng([self.seed, seq])
         if self.feedback is not None:
             tensors = self.feedback.encode(delta, rng)

@@ -51,12 +51,13 @@ from fedmq.aggregator._admit import admit, checked_step, decode
 from fedmq.aggregator._bounds import UpdateBounds
 from fedmq.aggregator.main import make_evaluator
 from fedmq.codecs import CodecConfig, encode_params
-from fedmq.errors import Rejection
+from fedmq.errors import ConfigError, Rejection
 from fedmq.models import get_params, set_params
 from fedmq.participant._trainer import Trainer
+from fedmq.privacy import ClientPrivacy
 from fedmq.sim._display import progress_line, progress_table
 from fedmq.sim._fleet import RoundPicker, online_periods, speed_factors
-from fedmq.sim._report import target_fields, write_results
+from fedmq.sim._report import dp_line, target_fields, write_results
 from fedmq.sim.bench import BenchConfig, fleet_of, settings_of
 from fedmq.strategies import make_strategy
 from fedmq.tasks import DeviceData, Task
@@ -130,7 +131,25 @@ class _Sim:
         initial = task.build_model(bench.aggregator.seed)
         self.params: Params = get_params(initial)
         self.spec = tensor_spec_of(self.params)
-        self.strategy = make_strategy(bench.aggregator.strategy)
+        # Client-level DP: the service's own mechanism and participation rules. The noise
+        # is seeded here (a simulation is reproducible); the service seeds from secrets.
+        dp = bench.aggregator.privacy
+        if dp is not None:
+            _check_fleet_fits(dp.min_gap, bench.aggregator.strategy.fedbuff.buffer_size, fleet)
+        self.privacy = (
+            ClientPrivacy(
+                dp,
+                bench.aggregator.strategy.fedbuff.buffer_size,
+                rng=np.random.default_rng([bench.aggregator.seed, 0xD9]),
+            )
+            if dp is not None
+            else None
+        )
+        self.budget_spent = False  # the next server step would exceed the target epsilon
+        self.strategy = make_strategy(
+            bench.aggregator.strategy,
+            combine=self.privacy.combine if self.privacy is not None else None,
+        )
         self.state = self.strategy.init_state()
         self.downlink = Downlink(bench.aggregator.downlink, _encode_full)
         self.full_bytes = len(_encode_full(0, self.params))
@@ -139,6 +158,7 @@ class _Sim:
         self.bounds = UpdateBounds(bench.aggregator.bounds)
         self.version = 0
         self.stats = AggregatorStats(target=task.target)
+        self.stats.privacy = self.privacy.report() if self.privacy is not None else None
         self.now = 0.0
         self.events: list[tuple[float, int, int, int, int]] = []
         self._counter = 0
@@ -248,6 +268,18 @@ class _Sim:
             self.stats.bytes_in += self._update_size(d, seq, base)
             self.stats.rejected["too_stale"] += 1
             return
+        if self.privacy is not None:
+            # Client-level DP's participation rule depends only on who sent it and the
+            # server step, never on the update: one it refuses is not computed either (on a
+            # large fleet most of the wall time would go to training updates refused
+            # unseen). The model is the same; only a refusal that admit would have counted
+            # under an earlier reason (norm_bound) is counted as participation here.
+            try:
+                self.privacy.check(d.pid)
+            except Rejection as rejection:
+                self.stats.bytes_in += self._update_size(d, seq, base)
+                self.stats.rejected[rejection.reason.value] += 1
+                return
         body = self._compute_update(d, seq, base)
         if body is None:
             # A real device skips it when training ends (update_skipped): nothing was sent.
@@ -276,6 +308,7 @@ class _Sim:
                 strategy=self.strategy,
                 bounds=self.bounds,
                 history=self.history,
+                privacy=self.privacy,
             )
             new_params, state = checked_step(
                 self.strategy.step, self.params, self.state, contribution
@@ -290,6 +323,12 @@ class _Sim:
         self.state = state
         self.last_seq[d.pid] = update.seq
         self.bounds.accepted(norm)
+        self.stats.clipped = self.bounds.clipped
+        if self.privacy is not None:
+            self.privacy.applied(d.pid, stepped=new_params is not None)
+            if new_params is not None:
+                self.stats.privacy = self.privacy.report()
+                self.budget_spent = self.privacy.exhausted()
         staleness = contribution.staleness
         self.stats.applied += 1
         self.stats.staleness[staleness] += 1
@@ -315,6 +354,7 @@ class _Sim:
                 seed=participant.seed,
                 codec=participant.codec,
                 error_feedback=participant.error_feedback,
+                clip_norm=participant.clip_norm,
             )
         return d.trainer.step(base, self.history[base], seq, self.now)
 
@@ -412,7 +452,7 @@ class _Sim:
     # -- the loop ---------------------------------------------------------------------
     def step(self) -> bool:
         """Process one event; False when the run is over."""
-        if not self.events:
+        if not self.events or self.budget_spent:
             return False
         t, _, kind, i, arg = heapq.heappop(self.events)
         if t > self.proto.max_seconds:
@@ -439,6 +479,24 @@ class _Sim:
 def _encode_full(version: int, params: Any) -> bytes:
     tensors = tuple(encode_params(params, CodecConfig(name="float32")))
     return encode_model(ModelEnvelope(version=version, created=time.time(), tensors=tensors))
+
+
+def _check_fleet_fits(min_gap: int, buffer_size: int, fleet: list[DeviceData]) -> None:
+    """Refuse a DP participation rule the fleet can never satisfy (``ConfigError``).
+
+    ``min_gap`` consecutive server steps hold each device at most once and each takes
+    ``buffer_size`` devices, so they need ``min_gap * buffer_size`` distinct devices: with
+    fewer, step ``min_gap`` never fills and every later update is refused (the run would
+    train until ``max_seconds`` and learn nothing). Devices offline or in flight need more
+    headroom still: steps slow down well before the bound.
+    """
+    devices = sum(1 for d in fleet if len(d.train))  # type: ignore[arg-type,misc]
+    if min_gap * buffer_size > devices:
+        raise ConfigError(
+            f"dp min_gap: {min_gap} x buffer_size {buffer_size} = {min_gap * buffer_size}"
+            f" distinct devices needed by every {min_gap} consecutive server steps, the fleet"
+            f" has {devices} with data: the run would stall at step {min_gap}"
+        )
 
 
 def _quantiles(values: list[float]) -> dict[str, float | int]:
@@ -541,6 +599,9 @@ def _report(
             "skipped": {"non_finite": sim.skipped_non_finite} if sim.skipped_non_finite else {},
         },
         "rounds": sim.rounds,
+        "clipped": sim.stats.clipped,
+        "dp": sim.privacy.report() if sim.privacy is not None else None,
+        "stopped_by": "privacy_budget_spent" if sim.budget_spent else None,
         "aggregator_cost": {
             "measured": "not measured (virtual clock: one process does everything)",
             "cpu_s": None,
@@ -633,5 +694,9 @@ async def run_virtual_command(base: BenchConfig, data_dir: Path, out: Path) -> i
             f"update L2 norms of {norms['count']:,} received: p10 {norms['p10']:.4g},"
             f" median {norms['median']:.4g}, p90 {norms['p90']:.4g}, max {norms['max']:.4g}"
         )
+    if run["dp"] is not None or run["clipped"]:
+        console.print(dp_line(run["dp"]) + f"; updates clipped: {run['clipped']}", highlight=False)
+    if run["stopped_by"] == "privacy_budget_spent":
+        console.print("stopped: the next server step would exceed the privacy budget")
     console.print(f"results: {out / 'report.md'}")
     return 0
