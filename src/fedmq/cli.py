@@ -279,6 +279,12 @@ _BENCH = [
     Option("concurrency", int, 10, "bench: devices training at the same time (C)"),
     next(option for option in _DEMO if option.name == "target"),
     Option("max_seconds", float, 600.0, "stop after this many seconds regardless"),
+    Option(
+        "max_versions",
+        int,
+        0,
+        "bench: stop once the model reaches this version (server steps; 0: off)",
+    ),
     Option("mean_online", float, 60.0, "bench: mean online period of a device (s, exponential)"),
     Option("mean_offline", float, 20.0, "bench: mean offline period of a device (s, exponential)"),
     Option("delay_unit", float, 2.0, "bench: device i publishes speed_i x this (s) after training"),
@@ -886,6 +892,7 @@ def _bench_parts(v: Values) -> dict[str, Any]:
         concurrency=v["concurrency"],
         target=v["target"],
         max_seconds=v["max_seconds"],
+        max_versions=v["max_versions"],
     )
     downlink = DownlinkConfig(
         codec=None

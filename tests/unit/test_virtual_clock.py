@@ -12,13 +12,15 @@ import pytest
 
 from fedmq.aggregator import AggregatorConfig, DownlinkConfig
 from fedmq.codecs import CodecConfig
+from fedmq.errors import ConfigError
 from fedmq.models import Training
 from fedmq.participant import ParticipantConfig
+from fedmq.privacy import ClientDPConfig
 from fedmq.sim._fleet import FleetProtocol
 from fedmq.sim._report import write_results
 from fedmq.sim.bench import BenchConfig, TaskFactory
 from fedmq.sim.virtual import VirtualConfig, run_virtual
-from fedmq.strategies import StrategyConfig
+from fedmq.strategies import FedBuffConfig, StrategyConfig
 from fedmq.tasks import Task
 from fedmq.tasks.fashion_mnist import FmnistSettings, make_task
 from fedmq.transport import TransportConfig
@@ -111,6 +113,52 @@ def test_virtual_runs_are_deterministic(data_dir: Path) -> None:
     first, second = run_virtual(config, data_dir), run_virtual(config, data_dir)
     assert first["evaluations"] == second["evaluations"]
     assert first["staleness_histogram"] == second["staleness_histogram"]
+
+
+def test_virtual_run_stops_at_max_versions_and_reports_update_norms(data_dir: Path) -> None:
+    config = _config("fedasync", CodecConfig(name="float32"), target=None)
+    protocol = dataclasses.replace(config.bench.protocol, max_versions=7, max_seconds=60.0)
+    config = dataclasses.replace(config, bench=dataclasses.replace(config.bench, protocol=protocol))
+    run = run_virtual(config, data_dir)
+    assert run["version"] == 7 and run["wall_time_s"] < 60.0  # stopped by the version, not time
+    assert run["evaluations"][-1]["version"] == 7  # the final model is scored
+    norms = run["update_norms"]
+    assert norms["count"] == run["received"] - run["dropped"]["too_stale"]  # every decoded one
+    assert 0 < norms["p10"] <= norms["median"] <= norms["p90"] <= norms["max"]
+    with pytest.raises(ConfigError, match=r"^max_versions: -1 must be >= 0"):
+        FleetProtocol(max_versions=-1)
+
+
+def _dp_config(min_gap: int, buffer_size: int = 20, participants: int = 200) -> VirtualConfig:
+    config = _config("fedbuff", CodecConfig(name="float32"), participants=participants, target=None)
+    bench = config.bench
+    aggregator = dataclasses.replace(
+        bench.aggregator,
+        strategy=StrategyConfig(name="fedbuff", fedbuff=FedBuffConfig(buffer_size=buffer_size)),
+        privacy=ClientDPConfig(clip_norm=0.3, noise_multiplier=1.0, min_gap=min_gap),
+    )
+    protocol = dataclasses.replace(bench.protocol, max_versions=12, max_seconds=60.0)
+    return dataclasses.replace(
+        config, bench=dataclasses.replace(bench, aggregator=aggregator, protocol=protocol)
+    )
+
+
+def test_virtual_dp_refuses_by_participation_without_training_the_refused(
+    data_dir: Path,
+) -> None:
+    run = run_virtual(_dp_config(min_gap=4), data_dir)
+    assert run["version"] == 12 and run["dp"]["steps"] == 12
+    refused = run["dropped"]["by_reason"]["participation"]
+    assert refused > 0
+    # a refused update is never computed: only the applied ones were decoded
+    assert run["update_norms"]["count"] == run["applied"]
+    assert run["received"] == run["applied"] + sum(run["dropped"]["by_reason"].values())
+
+
+def test_virtual_dp_refuses_a_min_gap_the_fleet_cannot_fill(data_dir: Path) -> None:
+    # 11 consecutive steps of 20 distinct devices need 220 devices; there are 200.
+    with pytest.raises(ConfigError, match=r"^dp min_gap: 11 x buffer_size 20 = 220 .* has 200"):
+        run_virtual(_dp_config(min_gap=11), data_dir)
 
 
 def _diverging_task() -> Task:

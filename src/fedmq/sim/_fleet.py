@@ -31,7 +31,9 @@ class FleetProtocol:
     turn, from t = 0; at most ``concurrency`` devices train at once. ``participants`` 0:
     as many devices as the task's own fleet has (``Task.fleet(..., 0, ...)``). A run stops when the
     task's target metric reaches ``target`` (None: the metric's goal, fmnist accuracy
-    0.80) or after ``max_seconds``. ``seed`` is given to ``Task.fleet``;
+    0.80), after ``max_seconds``, or once the global model reaches version ``max_versions``
+    (0: no such limit; a fixed number of server steps, so that runs with and without a
+    privacy budget compare at the same step). ``seed`` is given to ``Task.fleet``;
     ``dirichlet_alpha`` is the label skew of the fmnist split (the CLI gives the task the
     same value), recorded in the report.
     """
@@ -46,6 +48,7 @@ class FleetProtocol:
     concurrency: int = 10
     target: float | None = None
     max_seconds: float = 600.0
+    max_versions: int = 0
 
     def __post_init__(self) -> None:
         if self.participants < 0:
@@ -62,6 +65,12 @@ class FleetProtocol:
             raise ConfigError(f"target: {self.target} must be a finite number or None")
         if not self.max_seconds > 0:
             raise ConfigError(f"max_seconds: {self.max_seconds} must be > 0")
+        if self.max_versions < 0:
+            raise ConfigError(f"max_versions: {self.max_versions} must be >= 0 (0: no limit)")
+
+    def versions_done(self, version: int) -> bool:
+        """Whether a run whose global model is at ``version`` has taken its last step."""
+        return 0 < self.max_versions <= version
 
     def goal(self, metric: Metric) -> float:
         """The value of ``metric`` the run stops at: ``target``, else the metric's goal."""

@@ -186,7 +186,8 @@ def protocol_lines(runs: Sequence[Run]) -> list[str]:
         f" concurrency C = {proto['concurrency']}",
         f"- stop: {where} {target['metric']} {target['goal']}"
         f" ({'higher' if target['higher_is_better'] else 'lower'} is better)"
-        f" or {proto['max_seconds']:.0f} s",
+        f" or {proto['max_seconds']:.0f} s"
+        + (f" or version {proto['max_versions']}" if proto.get("max_versions") else ""),
         f"- local work: model {settings['model']}, {settings['epochs']} epoch(s), batch"
         f" {settings['batch_size']}, {settings['optimizer']} lr {settings['lr']}",
         f"- FedAsync alpha {strategy['fedasync']['alpha']}, staleness"

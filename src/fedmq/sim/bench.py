@@ -378,7 +378,12 @@ async def _watch(
                 )
             value = stats.latest_target
             reached = value is not None and target.reached(value, goal)
-            if reached or elapsed >= proto.max_seconds or host.latest.get("budget_spent"):
+            if (
+                reached
+                or elapsed >= proto.max_seconds
+                or host.latest.get("budget_spent")
+                or proto.versions_done(stats.version)
+            ):
                 return
 
 

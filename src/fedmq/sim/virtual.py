@@ -52,7 +52,7 @@ from fedmq.aggregator._admit import admit, checked_step, decode
 from fedmq.aggregator._bounds import UpdateBounds
 from fedmq.aggregator.main import make_evaluator
 from fedmq.codecs import CodecConfig, encode_params
-from fedmq.errors import Rejection
+from fedmq.errors import ConfigError, Rejection
 from fedmq.models import get_params, set_params
 from fedmq.participant._trainer import Trainer
 from fedmq.privacy import ClientPrivacy
@@ -140,6 +140,8 @@ class _Sim:
         # Client-level DP: the service's own mechanism and participation rules. The noise
         # is seeded here (a simulation is reproducible); the service seeds from secrets.
         dp = bench.aggregator.privacy
+        if dp is not None:
+            _check_fleet_fits(dp.min_gap, bench.aggregator.strategy.fedbuff.buffer_size, fleet)
         self.privacy = (
             ClientPrivacy(
                 dp,
@@ -183,6 +185,7 @@ class _Sim:
         self._update_size_cache: dict[tuple[int, int, int, int], int] = {}
         participant = bench.participant
         self.private = participant.dp_sgd is not None or participant.local_dp is not None
+        self.norms: list[float] = []  # L2 norm of every decoded update, as received
 
     # -- scheduling -------------------------------------------------------------------
     def at(self, t: float, kind: int, device: int = -1, arg: int = 0) -> None:
@@ -283,8 +286,11 @@ class _Sim:
             d.unaccounted -= 1
             return
         if self.privacy is not None:
-            # Refused by client-level DP's participation rules whatever it holds: not
-            # computed either (admit would refuse it the same way; saves a training).
+            # Client-level DP's participation rule depends only on who sent it and the
+            # server step, never on the update: one it refuses is not computed either (on a
+            # large fleet most of the wall time would go to training updates refused
+            # unseen). The model is the same; only a refusal that admit would have counted
+            # under an earlier reason (norm_bound) is counted as participation here.
             try:
                 self.privacy.check(d.pid)
             except Rejection as rejection:
@@ -311,6 +317,7 @@ class _Sim:
             update, delta, norm = decode(
                 body, spec=self.spec, limits=aggregator.limits, verifier=None
             )
+            self.norms.append(norm)
             contribution = admit(
                 update,
                 delta,
@@ -482,6 +489,8 @@ class _Sim:
         if t > self.proto.max_seconds:
             return False
         self.now = t
+        if self.proto.versions_done(self.version):
+            return False
         if kind == _EVAL:
             self._evaluate()
             value = self.stats.latest_target
@@ -501,6 +510,33 @@ class _Sim:
 def _encode_full(version: int, params: Any) -> bytes:
     tensors = tuple(encode_params(params, CodecConfig(name="float32")))
     return encode_model(ModelEnvelope(version=version, created=time.time(), tensors=tensors))
+
+
+def _check_fleet_fits(min_gap: int, buffer_size: int, fleet: list[DeviceData]) -> None:
+    """Refuse a DP participation rule the fleet can never satisfy (``ConfigError``).
+
+    ``min_gap`` consecutive server steps hold each device at most once and each takes
+    ``buffer_size`` devices, so they need ``min_gap * buffer_size`` distinct devices: with
+    fewer, step ``min_gap`` never fills and every later update is refused (the run would
+    train until ``max_seconds`` and learn nothing). Devices offline or in flight need more
+    headroom still: steps slow down well before the bound.
+    """
+    devices = sum(1 for d in fleet if len(d.train))  # type: ignore[arg-type,misc]
+    if min_gap * buffer_size > devices:
+        raise ConfigError(
+            f"dp min_gap: {min_gap} x buffer_size {buffer_size} = {min_gap * buffer_size}"
+            f" distinct devices needed by every {min_gap} consecutive server steps, the fleet"
+            f" has {devices} with data: the run would stall at step {min_gap}"
+        )
+
+
+def _quantiles(values: list[float]) -> dict[str, float | int]:
+    """Count and quantiles of the updates' L2 norms (what a clip bound is chosen from)."""
+    if not values:
+        return {"count": 0}
+    q = np.quantile(np.asarray(values), [0.1, 0.25, 0.5, 0.75, 0.9, 1.0])
+    names = ("p10", "p25", "median", "p75", "p90", "max")
+    return {"count": len(values), **{n: float(v) for n, v in zip(names, q, strict=True)}}
 
 
 def _uint_len(value: int) -> int:
@@ -578,6 +614,7 @@ def _report(
             "by_reason": dict(rejected),
         },
         "staleness_histogram": {str(k): v for k, v in sorted(sim.stats.staleness.items())},
+        "update_norms": _quantiles(sim.norms),
         "uplink_bytes": sim.stats.bytes_in,
         "downlink_bytes": sim.bytes_down,
         "downlink_messages": sim.messages_down,
@@ -710,6 +747,12 @@ async def run_virtual_command(base: BenchConfig, data_dir: Path, out: Path) -> i
         f" {scale['updates_published_per_wall_s']:,.1f} updates published/s,"
         f" {scale['updates_applied_per_wall_s']:,.1f} applied/s"
     )
+    norms = run["update_norms"]
+    if norms["count"]:
+        console.print(
+            f"update L2 norms of {norms['count']:,} received: p10 {norms['p10']:.4g},"
+            f" median {norms['median']:.4g}, p90 {norms['p90']:.4g}, max {norms['max']:.4g}"
+        )
     if run["dp"] is not None or run["clipped"]:
         console.print(dp_line(run["dp"]) + f"; updates clipped: {run['clipped']}", highlight=False)
     if run["stopped_by"] == "privacy_budget_spent":

@@ -2,7 +2,10 @@
 
 One device per monitoring station, holding only its own file: a participant's
 ``--data`` is one ``PRSA_Data_<Station>_<dates>.csv`` (or ``.csv.gz``); a simulated
-fleet's ``data_dir`` is the folder that holds ``beijing-air-quality/``.
+fleet's ``data_dir`` is the folder that holds ``beijing-air-quality/``. A simulated
+fleet of more than 12 devices splits each station over many "sensors" (contiguous
+blocks of its train windows; the station's normalisation; its validation year with its
+first sensor): _sensors.py says how and why.
 
 What a device holds (the chronological split of ``ChronoSplit``):
 
@@ -60,6 +63,7 @@ from fedmq.tasks.air_quality._data import DEFAULT_SPLIT, ChronoSplit
 from fedmq.tasks.air_quality._metrics import evaluate
 from fedmq.tasks.air_quality._model import DEFAULT_HIDDEN, GruForecaster
 from fedmq.tasks.air_quality._normalize import NormStats
+from fedmq.tasks.air_quality._sensors import sensor_counts, sensor_windows
 from fedmq.tasks.air_quality._window import DEFAULT_HORIZON, StationData, Windows, load_station
 from fedmq.wire import PARTICIPANT_ID_RULE, is_participant_id
 
@@ -179,12 +183,24 @@ def make_task(settings: AirQualitySettings | None = None) -> Task:
     def fleet(data_dir: Path, devices: int, seed: int) -> Sequence[DeviceData]:
         del seed  # the data and its split are fixed: nothing is drawn at random
         found = stations(data_dir)
-        if not 0 <= devices <= len(found):
+        if devices < 0:
             raise ConfigError(
-                f"devices: the air-quality task has one device per station, 1..{len(found)}"
-                f" (0: all), got {devices}"
+                f"devices: one device per station (1..{len(found)}, 0: all) or more,"
+                f" split into sensors; got {devices}"
             )
-        return [load_data(path, s) for _, path in found[: devices or len(found)]]
+        if devices <= len(found):
+            return [load_data(path, s) for _, path in found[: devices or len(found)]]
+        fleet: list[DeviceData] = []
+        for (_, path), count in zip(found, sensor_counts(len(found), devices), strict=True):
+            data = _station(path, s)
+            fleet.extend(
+                DeviceData(
+                    train=StationWindows(data.station, train, data.stats),
+                    held_out=StationWindows(data.station, held_out, data.stats),
+                )
+                for train, held_out in sensor_windows(data, count)
+            )
+        return fleet
 
     return Task(
         name="air-quality",
