@@ -36,6 +36,7 @@ import numpy.typing as npt
 
 from fedmq.errors import ConfigError, Reason, RejectedUpdate
 from fedmq.privacy._accountant import calibrate_noise, client_epsilon
+from fedmq.privacy._checks import check_mechanism, finite_positive, positive_int, require
 from fedmq.privacy._clip import clip
 from fedmq.strategies import Entry, weighted_mean
 
@@ -44,10 +45,6 @@ __all__ = ["ClientDPConfig", "ClientPrivacy", "newest_state"]
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,23 +78,20 @@ class ClientDPConfig:
 
     def __post_init__(self) -> None:
         def refuse(field: str, allowed: str, value: object) -> None:
-            raise ConfigError(f"dp {field}: must be {allowed}, got {value!r}")
+            require(False, "dp", field, allowed, value)
 
-        if not (_number(self.clip_norm) and self.clip_norm > 0):
-            refuse("clip_norm", "a finite number > 0 (--clip-norm)", self.clip_norm)
-        z = self.noise_multiplier
-        if z is not None and not (_number(z) and z > 0):
-            refuse("noise_multiplier", "a finite number > 0", z)
-        if not (_number(self.delta) and 0 < self.delta < 1):
-            refuse("delta", "in (0, 1)", self.delta)
-        eps = self.target_epsilon
-        if eps is not None and not (_number(eps) and eps > 0):
-            refuse("epsilon", "a finite number > 0", eps)
-        if not (_int(self.min_gap) and self.min_gap >= 1):
-            refuse("min_gap", "an integer >= 1", self.min_gap)
-        steps = self.planned_steps
-        if steps is not None and not (_int(steps) and steps >= 1):
-            refuse("planned_steps", "an integer >= 1", steps)
+        require(
+            finite_positive(self.clip_norm),
+            "dp",
+            "clip_norm",
+            "a finite number > 0 (--clip-norm)",
+            self.clip_norm,
+        )
+        z, eps, steps = self.noise_multiplier, self.target_epsilon, self.planned_steps
+        check_mechanism("dp", z, eps, self.delta)
+        require(positive_int(self.min_gap), "dp", "min_gap", "an integer >= 1", self.min_gap)
+        if steps is not None:
+            require(positive_int(steps), "dp", "planned_steps", "an integer >= 1", steps)
         q = self.adaptive_quantile
         if q is not None:
             if not (_number(q) and 0 < q < 1):

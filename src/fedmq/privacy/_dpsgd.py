@@ -31,7 +31,6 @@ before the wrapped optimizer's step (post-processing: no privacy cost of its own
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +41,7 @@ from torch.utils.data import Dataset, TensorDataset, default_collate
 
 from fedmq.errors import ConfigError, DataError
 from fedmq.models import Training
+from fedmq.privacy._checks import check_mechanism, finite_positive, positive_int, require
 
 __all__ = ["DPSGD", "DPSGDConfig"]
 
@@ -66,26 +66,21 @@ class DPSGDConfig:
     def __post_init__(self) -> None:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ConfigError("dp-sgd: give exactly one of noise_multiplier (z) and target_epsilon")
-        if self.noise_multiplier is not None and not (
-            math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0
-        ):
-            raise ConfigError(
-                f"dp-sgd noise_multiplier: must be a finite number > 0, got {self.noise_multiplier}"
-            )
-        if self.target_epsilon is not None and not (
-            math.isfinite(self.target_epsilon) and self.target_epsilon > 0
-        ):
-            raise ConfigError(
-                f"dp-sgd target_epsilon: must be a finite number > 0, got {self.target_epsilon}"
-            )
-        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
-            raise ConfigError(
-                f"dp-sgd max_grad_norm: must be a finite number > 0, got {self.max_grad_norm}"
-            )
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"dp-sgd delta: must be in (0, 1), got {self.delta}")
-        if self.planned_epochs < 1:
-            raise ConfigError(f"dp-sgd planned_epochs: must be >= 1, got {self.planned_epochs}")
+        check_mechanism("dp-sgd", self.noise_multiplier, self.target_epsilon, self.delta)
+        require(
+            finite_positive(self.max_grad_norm),
+            "dp-sgd",
+            "max_grad_norm",
+            "a finite number > 0",
+            self.max_grad_norm,
+        )
+        require(
+            positive_int(self.planned_epochs),
+            "dp-sgd",
+            "planned_epochs",
+            "an integer >= 1",
+            self.planned_epochs,
+        )
 
 
 class DPSGD:

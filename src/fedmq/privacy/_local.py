@@ -21,7 +21,6 @@ where the aggregator cannot be trusted.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmq.errors import ConfigError
+from fedmq.privacy._checks import check_mechanism, finite_positive, positive_int, require
 from fedmq.privacy._clip import clip
 
 __all__ = ["LocalDP", "LocalDPConfig"]
@@ -54,27 +54,21 @@ class LocalDPConfig:
             raise ConfigError(
                 "local-dp: give exactly one of noise_multiplier (z) and target_epsilon"
             )
-        if self.noise_multiplier is not None and not (
-            math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0
-        ):
-            raise ConfigError(
-                "local-dp noise_multiplier: must be a finite number > 0,"
-                f" got {self.noise_multiplier}"
-            )
-        if self.target_epsilon is not None and not (
-            math.isfinite(self.target_epsilon) and self.target_epsilon > 0
-        ):
-            raise ConfigError(
-                f"local-dp target_epsilon: must be a finite number > 0, got {self.target_epsilon}"
-            )
-        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
-            raise ConfigError(
-                f"local-dp clip_norm: must be a finite number > 0, got {self.clip_norm}"
-            )
-        if not 0 < self.delta < 1:
-            raise ConfigError(f"local-dp delta: must be in (0, 1), got {self.delta}")
-        if self.planned_updates < 1:
-            raise ConfigError(f"local-dp planned_updates: must be >= 1, got {self.planned_updates}")
+        check_mechanism("local-dp", self.noise_multiplier, self.target_epsilon, self.delta)
+        require(
+            finite_positive(self.clip_norm),
+            "local-dp",
+            "clip_norm",
+            "a finite number > 0",
+            self.clip_norm,
+        )
+        require(
+            positive_int(self.planned_updates),
+            "local-dp",
+            "planned_updates",
+            "an integer >= 1",
+            self.planned_updates,
+        )
 
 
 class LocalDP:
