@@ -4,11 +4,8 @@ configuration errors, the live knobs, and the bench attacks."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +15,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from fedmq.admin import ctl
-from fedmq.aggregator import Aggregator, AggregatorConfig, BoundsConfig, ControlConfig
+from fedmq.aggregator import AggregatorConfig, BoundsConfig, ControlConfig
 from fedmq.aggregator._checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedmq.cli import main
 from fedmq.codecs import CodecConfig, SparseTensor
@@ -48,9 +45,12 @@ from fedmq.strategies import (
     weighted_mean,
 )
 from fedmq.tasks.fashion_mnist import FmnistSettings, make_task
-from fedmq.transport import TransportConfig, connect_aggregator, connect_participant
+from fedmq.transport import TransportConfig
 from fedmq.wire import decode_update, materialize, tensor_spec_of
 from tests import updates
+
+# The live-tuning tests' running aggregator and helpers (the in-process broker).
+from tests.unit.test_tuning import URL, running, send, until
 from tests.updates import INITIAL, delta
 
 Arrays = dict[str, npt.NDArray[np.float32]]
@@ -335,34 +335,6 @@ def test_robust_knobs_parse_tune_and_show() -> None:
     fedasync = tuned(StrategyConfig(name="fedasync"), {"outlier_factor": 4.0})
     assert fedasync.robust.outlier_factor == 4.0
     assert knob_values(fedasync)["outlier_factor"] == 4.0
-
-
-URL = "memory://robust"
-
-
-@asynccontextmanager
-async def running(config: AggregatorConfig, job: str) -> AsyncIterator[Aggregator]:
-    async with (
-        connect_aggregator(TransportConfig(url=URL, job=job)) as transport,
-        asyncio.TaskGroup() as tg,
-    ):
-        aggregator = Aggregator(config, transport, INITIAL)
-        task = tg.create_task(aggregator.run(tg), name="aggregator")
-        yield aggregator
-        task.cancel()
-
-
-async def send(job: str, pid: str, *bodies: bytes) -> None:
-    async with connect_participant(TransportConfig(url=URL, job=job), pid) as p:
-        for body in bodies:
-            await p.publish_update(body)
-
-
-async def until(condition: object, within: float = 10.0) -> None:
-    assert callable(condition)
-    async with asyncio.timeout(within):
-        while not condition():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 async def test_ctl_set_robust_median_takes_effect_at_the_next_flush(job: str) -> None:
