@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedmq.errors import ConfigError
+from fedmq.privacy._accountant import calibrate_noise, client_epsilon
 from fedmq.privacy._checks import check_mechanism, finite_positive, positive_int, require
 from fedmq.privacy._clip import clip
 
@@ -149,39 +150,13 @@ class LocalDP:
 
 
 def local_epsilon(history: list[tuple[float, int]], delta: float) -> float:
-    """Epsilon at ``delta`` of the Gaussian mechanism run ``n`` times at each ``(z, n)``,
-    with dp_accounting's RDP accountant (no sampling: every update is released)."""
-    import dp_accounting
-
-    runs = [(z, n) for z, n in history if n > 0]
-    if not runs:
-        return 0.0
-    accountant = dp_accounting.rdp.RdpAccountant()
-    accountant.compose(
-        dp_accounting.ComposedDpEvent(
-            [
-                dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), n)
-                for z, n in runs
-            ]
-        )
-    )
-    return float(accountant.get_epsilon(delta))
+    """Epsilon at ``delta`` of the Gaussian mechanism run ``n`` times at each ``(z, n)``
+    (no sampling: every update is released). The same accounting as client-level DP's,
+    with every update its own step (privacy/_accountant.py, dp-accounting's RDP)."""
+    return client_epsilon([(float(z), 1, int(n)) for z, n in history], delta)
 
 
 def calibrate(target_epsilon: float, delta: float, updates: int) -> float:
-    """The smallest z (to dp_accounting's tolerance, rounded up) whose ``updates``
-    releases spend at most ``target_epsilon`` at ``delta``."""
-    import dp_accounting
-
-    z = float(
-        dp_accounting.calibrate_dp_mechanism(
-            dp_accounting.rdp.RdpAccountant,
-            lambda z: dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), updates),
-            target_epsilon,
-            delta,
-            dp_accounting.LowerEndpointAndGuess(1e-3, 1.0),
-        )
-    )
-    while local_epsilon([(z, updates)], delta) > target_epsilon:
-        z *= 1.001  # the root finder may land a hair on the wrong side
-    return z
+    """The smallest z whose ``updates`` releases spend at most ``target_epsilon`` at
+    ``delta`` (``calibrate_noise``: dp-accounting's calibration, rounded up)."""
+    return calibrate_noise(target_epsilon, delta, updates, 1)
