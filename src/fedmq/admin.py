@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fedmq.errors import ConfigError
 from fedmq.strategies import parse_assignments
 from fedmq.transport import TransportConfig, send_control
+from fedmq.transport._common import redact_url
 from fedmq.wire import (
     ControlCommand,
     ControlEnvelope,
@@ -142,7 +143,8 @@ def status(metrics_url: str, timeout_s: float = 5.0) -> int:
             text = response.read().decode("utf-8")
     except (urllib.error.URLError, OSError, ValueError) as error:
         reason = getattr(error, "reason", error)
-        raise ConfigError(f"ctl status: cannot read {metrics_url}: {reason}") from None
+        shown = redact_url(metrics_url)  # a scrape URL may carry basic-auth credentials
+        raise ConfigError(f"ctl status: cannot read {shown}: {reason}") from None
     lines: dict[str, list[str]] = {}
     for family in text_string_to_metric_families(text):
         if not family.name.startswith("fedmq_") or family.type in ("histogram", "summary"):
@@ -154,7 +156,9 @@ def status(metrics_url: str, timeout_s: float = 5.0) -> int:
             shown = f"{sample.name}{{{labels}}}" if labels else sample.name
             lines.setdefault(family.name, []).append(f"{shown} {_number(sample.value)}")
     if not lines:
-        raise ConfigError(f"ctl status: {metrics_url} has no fedmq metrics (not an aggregator?)")
+        raise ConfigError(
+            f"ctl status: {redact_url(metrics_url)} has no fedmq metrics (not an aggregator?)"
+        )
     epsilon = _first(lines, "fedmq_dp_epsilon")
     if epsilon is not None:
         target = _first(lines, "fedmq_dp_target_epsilon")

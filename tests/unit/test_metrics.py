@@ -195,3 +195,6 @@ async def test_ctl_status_prints_the_privacy_spent_and_the_counters(
             assert "fedmq_updates_rejected_total{reason=participation} 3" in out
             with pytest.raises(ConfigError, match="ctl status: cannot read"):
                 await asyncio.to_thread(status, f"http://127.0.0.1:{server.port}/nothing")
+            with pytest.raises(ConfigError) as caught:  # credentials never in the message
+                await asyncio.to_thread(status, "http://op:s3cret@127.0.0.1:1/metrics")
+            assert "s3cret" not in str(caught.value) and "op:***@" in str(caught.value)
